@@ -63,5 +63,5 @@ fi
 link() { local dst="$comfy/custom_nodes/$2"; [ -L "$dst" ] || [ -e "$dst" ] || ln -s "$1" "$dst"; }
 link "$here" comfyui-attention-edit
 link "$here/demo_model" comfyui-attention-edit-demo-model
-printf '%s\n' "$comfy" > "$here/.comfyui/path"
+mkdir -p "$here/.comfyui"; printf "%s\n" "$comfy" > "$here/.comfyui/path"
 say "ready: python $vpy, ComfyUI $got at $comfy"

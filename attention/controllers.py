@@ -1,0 +1,228 @@
+"""The callables that ComfyUI's attention patches, post-CFG functions and sampling wrappers call.
+
+They speak ComfyUI's calling conventions (extra_options with cond_or_uncond, sigmas,
+sample_sigmas, n_heads) but import nothing from it, so they are tested with plain tensors.
+A `deepcopy` returns the object itself: ComfyUI 0.3.75 deep-copies model_options on every
+clone, and a copy must keep pointing at the same record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .inject import AttentionFn, blend_mask, edit_cross_attention, inject_self_attention, sdpa, token_maps
+from .layers import AttentionLayer
+from .record import COND, RecordError, SourceRecord
+from .schedule import StepRange, sigma_key, step_index
+
+
+class Shared:
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+
+def chunks(extra: dict, batch: int) -> list[tuple[int, slice]]:
+    """(cond_or_uncond, rows) of each chunk of a batched attention call."""
+    cou = list(extra["cond_or_uncond"])
+    per = batch // len(cou)
+    return [(c, slice(i * per, (i + 1) * per)) for i, c in enumerate(cou)]
+
+
+def current_sigma(extra: dict) -> float:
+    return float(torch.as_tensor(extra["sigmas"]).flatten()[0])
+
+
+def spatial_hw(extra: dict, tokens: int) -> tuple[int, int]:
+    """The (h, w) of this layer's token grid, from the latent's shape."""
+    _, _, H, W = extra["original_shape"][:4]
+    f = round((H * W / tokens) ** 0.5)
+    return H // f, W // f
+
+
+@dataclass
+class LayerPatch(Shared):
+    """One attention layer's replace patch: `controller.attend(kind, layer, q, k, v, extra)`."""
+    controller: object
+    kind: str  # "attn1" (self) | "attn2" (cross)
+    layer: AttentionLayer
+    previous: object = None  # a replace patch that was on the model before ours
+
+    def __call__(self, q, k, v, extra):
+        return self.controller.attend(self, q, k, v, extra)
+
+    def plain(self, q, k, v, extra, attention: AttentionFn):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra)
+        return attention(q, k, v, extra["n_heads"])
+
+
+class Recorder(Shared):
+    """Source branch: attention runs as usual and what the record's spec asks for is kept."""
+
+    def __init__(self, record: SourceRecord, attention: AttentionFn = sdpa):
+        self.record, self.attention = record, attention
+        self.map_tokens = record.prompt.end + 1
+
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.record.begin(sigmas, tuple(noise.shape))
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        self.record.finish(out)
+        return out
+
+    def attend(self, patch: LayerPatch, q, k, v, extra):
+        out = patch.plain(q, k, v, extra, self.attention)
+        rec, key = self.record, patch.layer.key
+        if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
+            return out
+        sigma = current_sigma(extra)
+        sk, step = sigma_key(sigma), step_index(sigma, rec.sample_sigmas)
+        spec = rec.spec
+        for cou, rows in chunks(extra, q.shape[0]):
+            if patch.kind == "attn1":
+                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
+                    rec.self_qk[(key, sk, cou)] = (rec.keep(q[rows]), rec.keep(k[rows]))
+            elif cou == COND:
+                if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
+                    rec.cross_q[(key, sk)] = rec.keep(q[rows])
+                    rec.cross_k.setdefault(key, rec.keep(k[rows]))
+                if patch.layer.level == spec.map_level:
+                    m = token_maps(q[rows], k[rows], extra["n_heads"], spatial_hw(extra, q.shape[1]), self.map_tokens)
+                    rec.maps[sk] = rec.maps[sk] + m if sk in rec.maps else m
+        return out
+
+    def post_cfg(self, args):
+        if self.record.sample_sigmas is not None:
+            self.record.denoised[sigma_key(current_sigma({"sigmas": args["sigma"]}))] = args["denoised"].detach().clone()
+        return args["denoised"]
+
+
+@dataclass
+class CrossEdit:
+    """P2P's cross-attention edit for the target prompt (see inject.edit_cross_attention)."""
+    mapper: torch.Tensor  # (n_src, n_tgt)
+    aligned: torch.Tensor  # (n_tgt,) 1 where the target token takes the source's map
+    steps: StepRange  # default injection range
+    word_steps: dict[int, StepRange] = field(default_factory=dict)  # target position -> range
+    equalizer: torch.Tensor | None = None  # (n_tgt,) re-weighting c, 1 elsewhere
+
+    def alpha(self, step: int, num_steps: int) -> torch.Tensor:
+        a = self.aligned * float(self.steps.active(step, num_steps))
+        for pos, rng in self.word_steps.items():
+            a[pos] = self.aligned[pos] * float(rng.active(step, num_steps))
+        return a
+
+
+@dataclass
+class LocalBlend:
+    source_positions: list[int]
+    target_positions: list[int]
+    threshold: float = 0.3
+    start: float = 0.2  # blend from this fraction of the steps on
+    subtract_source: list[int] = field(default_factory=list)
+    subtract_target: list[int] = field(default_factory=list)
+
+
+class Editor(Shared):
+    """Target branch: injects the record's maps as the edits ask, and blends with the source."""
+
+    def __init__(self, record: SourceRecord, run_id: str, cross: CrossEdit | None = None,
+                 self_layers: frozenset = frozenset(), self_steps: StepRange = StepRange(0, 0),
+                 blend: LocalBlend | None = None, target_end: int = 76, node: str = "P2P",
+                 attention: AttentionFn = sdpa):
+        self.record, self.run_id, self.cross, self.blend = record, run_id, cross, blend
+        self.self_layers, self.self_steps, self.node, self.attention = self_layers, self_steps, node, attention
+        self.map_tokens = target_end + 1
+        self.maps: dict[str, torch.Tensor] = {}  # this run's own token maps (local blend)
+        self.sample_sigmas: torch.Tensor | None = None
+
+    # -- checks ---------------------------------------------------------------------------------
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.check(sigmas, tuple(noise.shape))
+        self.maps.clear()
+        self.sample_sigmas = sigmas.detach().float().cpu()
+        try:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            self.maps.clear()
+            self.sample_sigmas = None
+
+    def check(self, sigmas: torch.Tensor, shape: tuple[int, ...]) -> None:
+        rec, node = self.record, self.node
+        if rec.run_id != self.run_id or not rec.complete:
+            raise RecordError(f"{node}: the attention store no longer holds the source run this edit was "
+                              "built for (the source branch re-ran or was interrupted); queue the prompt again")
+        if len(sigmas) != len(rec.sample_sigmas) or not torch.allclose(sigmas.float().cpu(), rec.sample_sigmas, rtol=1e-4, atol=1e-6):
+            raise RecordError(f"{node}: the target sampler's sigmas ({len(sigmas) - 1} steps) differ from the source's "
+                              f"({rec.num_steps} steps): use the same steps, scheduler and denoise in both branches")
+        src = rec.latent_shape
+        if tuple(shape[1:]) != tuple(src[1:]):
+            raise RecordError(f"{node}: the target latent is {tuple(shape[1:])} but the source was {tuple(src[1:])}: "
+                              "use the same width and height in both branches")
+        if shape[0] != src[0] and src[0] != 1:
+            raise RecordError(f"{node}: the target batch size {shape[0]} differs from the source's {src[0]}: "
+                              "use the same batch size (or a source batch of 1)")
+
+    def _source(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=like.device, dtype=like.dtype)
+        return t.expand(like.shape[0], *t.shape[1:]) if t.shape[0] != like.shape[0] else t
+
+    # -- attention ------------------------------------------------------------------------------
+    def attend(self, patch: LayerPatch, q, k, v, extra):
+        rec, key, heads = self.record, patch.layer.key, extra["n_heads"]
+        sigma = current_sigma(extra)
+        sk, step = sigma_key(sigma), step_index(sigma, rec.sample_sigmas)
+        parts = []
+        for cou, rows in chunks(extra, q.shape[0]):
+            qc, kc, vc = q[rows], k[rows], v[rows]
+            out = None
+            if patch.kind == "attn1":
+                if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
+                    src = rec.self_qk.get((key, sk, cou))
+                    if src is None:
+                        raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
+                                          f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
+                                          "self_attention_layers/self_attention_until) or inject fewer layers/steps")
+                    out = inject_self_attention(self._source(src[0], qc), self._source(src[1], kc), vc, heads, self.attention)
+            elif cou == COND:
+                if self.cross is not None:
+                    alpha = self.cross.alpha(step, rec.num_steps)
+                    eq = self.cross.equalizer if self.cross.equalizer is not None else torch.ones_like(alpha)
+                    if bool(alpha.any()):
+                        q_s, k_s = rec.cross_q.get((key, sk)), rec.cross_k.get(key)
+                        if q_s is None or k_s is None:
+                            raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
+                                              f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
+                                              "cross_attention_until) or inject for fewer steps")
+                        out = edit_cross_attention(qc, kc, vc, self._source(q_s, qc), self._source(k_s, kc),
+                                                   self.cross.mapper, alpha, eq, heads, self.attention)
+                if self.blend is not None and patch.layer.level == rec.spec.map_level:
+                    m = token_maps(qc, kc, heads, spatial_hw(extra, q.shape[1]), self.map_tokens)
+                    self.maps[sk] = self.maps[sk] + m if sk in self.maps else m
+            parts.append(out if out is not None else patch.plain(qc, kc, vc, extra, self.attention))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # -- local blend ----------------------------------------------------------------------------
+    def post_cfg(self, args):
+        denoised = args["denoised"]
+        blend, rec = self.blend, self.record
+        if blend is None or self.sample_sigmas is None:
+            return denoised
+        sigma = current_sigma({"sigmas": args["sigma"]})
+        step = step_index(sigma, rec.sample_sigmas)
+        if step < int(blend.start * rec.num_steps):
+            return denoised
+        src_denoised, src_maps = rec.denoised.get(sigma_key(sigma)), rec.cumulative_maps(step)
+        tgt_maps = [m for k, m in self.maps.items() if step_index(float(k), rec.sample_sigmas) <= step]
+        if src_denoised is None or src_maps is None or not tgt_maps:
+            raise RecordError(f"{self.node}: local blend needs the source's maps and latents at sigma {sigma:.4g}, "
+                              "which the attention store did not keep")
+        size = tuple(denoised.shape[-2:])
+        tgt = torch.stack(tgt_maps).sum(0)
+        mask = blend_mask(src_maps.to(denoised.device), blend.source_positions, size, blend.threshold, blend.subtract_source)
+        mask = torch.maximum(mask, blend_mask(tgt, blend.target_positions, size, blend.threshold, blend.subtract_target))
+        src = self._source(src_denoised, denoised)
+        return src + mask.to(denoised) * (denoised - src)

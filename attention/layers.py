@@ -1,0 +1,81 @@
+"""One explicit way to name the UNet's attention layers.
+
+A layer is ComfyUI's patch key (block, block_id, transformer_index) plus two derived facts:
+`index`, its position in forward order over the whole UNet (SD1.5: 0..15 = input 1,2,4,5,7,8,
+middle 0, output 3..11), and `level`, how often the latent was downsampled before it (SD1.5 at
+512 px: level 0 = 64², 1 = 32², 2 = 16², 3 = 8²).
+
+Presets:
+- "all"        every attention layer.
+- "fpe"        Free-Prompt-Editing's "layers 4-14": `index` 4..14, counted from 0 in forward order
+               (SD1.5: input 7,8, middle, output 3..10: the 16²/8² core plus the decoder's 32² and
+               two of its 64² layers). The paper leaves the indexing open; this is ours.
+- "p2p_16"     P2P's self-attention rule "resolution <= 16²" at 512 px: level >= 2.
+- "p2p_32"     "resolution <= 32²": level >= 1.
+- "none"       no layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    block: str  # "input" | "middle" | "output"
+    block_id: int
+    transformer_index: int  # position inside the block's transformer stack (ComfyUI's 3rd key)
+    index: int  # forward order over the whole UNet
+    level: int  # number of downsamplings before this layer
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.block, self.block_id, self.transformer_index)
+
+    def __str__(self) -> str:
+        return f"{self.block} {self.block_id}.{self.transformer_index} (#{self.index}, level {self.level})"
+
+
+PRESETS = ("all", "fpe", "p2p_16", "p2p_32", "none")
+
+
+def unet_attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
+    """The attention layers of an SD-style UNet (`input_blocks`, `middle_block`, `output_blocks`)."""
+    if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise TypeError(f"{type(unet).__name__} is not an SD1/SDXL-style UNet (no input/middle/output blocks)")
+    layers: list[AttentionLayer] = []
+    level = 0
+
+    def visit(block: str, block_id: int, module: torch.nn.Module) -> None:
+        nonlocal level
+        for child in module.children() if isinstance(module, torch.nn.Sequential) else [module]:
+            name = type(child).__name__
+            if name == "SpatialTransformer":
+                for t in range(len(child.transformer_blocks)):
+                    layers.append(AttentionLayer(block, block_id, t, len(layers), level))
+            elif name == "Downsample":
+                level += 1
+            elif name == "Upsample":
+                level -= 1
+
+    for i, m in enumerate(unet.input_blocks):
+        visit("input", i, m)
+    visit("middle", 0, unet.middle_block)
+    for i, m in enumerate(unet.output_blocks):
+        visit("output", i, m)
+    return layers
+
+
+def select_layers(layers: list[AttentionLayer], preset: str) -> list[AttentionLayer]:
+    if preset == "all":
+        return list(layers)
+    if preset == "none":
+        return []
+    if preset == "fpe":
+        return [l for l in layers if 4 <= l.index <= 14]
+    if preset == "p2p_16":
+        return [l for l in layers if l.level >= 2]
+    if preset == "p2p_32":
+        return [l for l in layers if l.level >= 1]
+    raise ValueError(f"unknown layer preset '{preset}'; choose one of {', '.join(PRESETS)}")

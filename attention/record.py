@@ -1,0 +1,79 @@
+"""What the source branch leaves for the target: queries/keys of chosen layers and steps (never
+full maps), low-resolution token maps for local blend, and the denoised latent of each step."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from .layers import AttentionLayer
+from .schedule import StepRange
+from .tokens import Prompt
+
+COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
+
+
+class RecordError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """Which layers and steps to keep. Cross-attention is kept for the cond half only (P2P edits
+    only that half); self-attention for cond and uncond."""
+    cross_layers: frozenset[tuple[str, int, int]]
+    cross_steps: StepRange
+    self_layers: frozenset[tuple[str, int, int]]
+    self_steps: StepRange
+    map_level: int | None  # level of the layers whose token maps are kept (local blend, previews)
+    storage_dtype: torch.dtype | None = None  # None: the model's dtype
+
+
+@dataclass
+class SourceRecord:
+    spec: RecordSpec
+    prompt: Prompt
+    model_id: str
+    layers: dict[tuple[str, int, int], AttentionLayer]
+    run_id: str | None = None
+    complete: bool = False
+    sample_sigmas: torch.Tensor | None = None
+    latent_shape: tuple[int, ...] | None = None
+    result: torch.Tensor | None = None
+    cross_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> (B, N, C)
+    cross_k: dict = field(default_factory=dict)  # layer key -> (B, 77, C)
+    self_qk: dict = field(default_factory=dict)  # (layer key, sigma key, cond_or_uncond) -> (q, k)
+    maps: dict = field(default_factory=dict)  # sigma key -> (B, T, h, w), summed over map layers
+    denoised: dict = field(default_factory=dict)  # sigma key -> (B, C, H, W)
+
+    def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
+        """A new source run: forget the last one."""
+        for d in (self.cross_q, self.cross_k, self.self_qk, self.maps, self.denoised):
+            d.clear()
+        self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
+        self.sample_sigmas = sample_sigmas.detach().float().cpu().clone()
+        self.latent_shape = tuple(latent_shape)
+
+    def finish(self, result: torch.Tensor) -> None:
+        self.result = result.detach().float().cpu().clone()
+        self.complete = True
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.to(self.spec.storage_dtype) if self.spec.storage_dtype is not None else t.clone()
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sample_sigmas) - 1
+
+    def nbytes(self) -> int:
+        tensors = [*self.cross_q.values(), *self.cross_k.values(), *self.maps.values(), *self.denoised.values()]
+        tensors += [t for pair in self.self_qk.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def cumulative_maps(self, step: int) -> torch.Tensor | None:
+        """Token maps summed over steps 0..step (P2P's local blend uses the running sum)."""
+        from .schedule import step_index
+        picked = [m for k, m in self.maps.items() if step_index(float(k), self.sample_sigmas) <= step]
+        return torch.stack(picked).sum(0) if picked else None

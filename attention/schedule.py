@@ -1,0 +1,56 @@
+"""Which sampling step a model call belongs to, identified by sigma so that any sampler works
+(multi-evaluation samplers such as heun call the model between schedule sigmas)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
+    """Index i of the schedule interval [sigma_i, sigma_{i+1}) that sigma belongs to."""
+    schedule = sample_sigmas[:-1].float().cpu()
+    return max(int((schedule >= sigma * (1 - 1e-5)).sum()) - 1, 0)
+
+
+def sigma_key(sigma: float) -> str:
+    """A dictionary key that identifies one model evaluation of a run."""
+    return f"{float(sigma):.7g}"
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """Active for steps i with int(start*N) <= i < int(end*N), N = number of steps (as in P2P)."""
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
+            raise ScheduleError(f"a step fraction must be within [0, 1], got start={self.start}, end={self.end}")
+        if self.start > self.end:
+            raise ScheduleError(f"the step range starts after it ends (start={self.start} > end={self.end})")
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return int(self.start * num_steps) <= step < int(self.end * num_steps)
+
+    @property
+    def empty(self) -> bool:
+        return self.end <= self.start
+
+
+def parse_word_fractions(text: str) -> dict[str, float]:
+    """'bicycle=0.4, car=0.6' -> {'bicycle': 0.4, 'car': 0.6} (per-word cross-attention schedules)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+        word, sep, value = item.partition("=")
+        try:
+            out[word.strip()] = float(value)
+        except ValueError:
+            raise ScheduleError(f"'{item}' is not of the form word=fraction (e.g. 'car=0.4')") from None
+        if not sep or not 0.0 <= out[word.strip()] <= 1.0:
+            raise ScheduleError(f"'{item}': the fraction must be within [0, 1] (e.g. 'car=0.4')")
+    return out

@@ -1,0 +1,99 @@
+"""ComfyUI glue shared by the nodes: prompts from CLIP, layer discovery, patch installation."""
+from __future__ import annotations
+
+import torch
+
+import comfy.ldm.modules.attention
+
+from ..attention.controllers import Editor, LayerPatch, Recorder
+from ..attention.layers import AttentionLayer, unet_attention_layers
+from ..attention.record import SourceRecord
+from ..attention.tokens import Prompt, PromptError, parse_prompt
+
+EDIT_KEY = "attention_edit"  # transformer_options key and wrapper key of this pack
+
+
+class NodeInputError(ValueError):
+    """Raised with '<node>: <input>: <what is wrong and the fix>'."""
+
+    def __init__(self, node: str, input_name: str, message: str):
+        super().__init__(f"{node}: input '{input_name}': {message}")
+
+
+def attention_fn(q, k, v, heads):
+    """ComfyUI's own attention (so a patched layer computes exactly what an unpatched one does)."""
+    return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads)
+
+
+def prompt_from_clip(clip, text: str, node: str, input_name: str) -> Prompt:
+    def tokenize_word(word: str) -> list[int]:
+        tokens = clip.tokenize(word)
+        first = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
+        ids = [int(t[0]) for t in first[0]]
+        end = ids.index(ids[-1])  # first end/pad token after the start token
+        return ids[1:end] if ids[0] != ids[-1] else ids[1:]
+
+    if clip is None:
+        raise NodeInputError(node, "clip", "no CLIP given: connect the checkpoint's CLIP output")
+    try:
+        return parse_prompt(text, tokenize_word)
+    except PromptError as e:
+        raise NodeInputError(node, input_name, str(e)) from None
+
+
+def encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def model_layers(model, node: str) -> list[AttentionLayer]:
+    unet = getattr(model.model, "diffusion_model", None)
+    try:
+        return unet_attention_layers(unet)
+    except TypeError as e:
+        raise NodeInputError(node, "model", f"this model's architecture ({type(model.model).__name__}) cannot "
+                             f"be addressed: {e}. The pack supports SD1.x/SD2.x/SDXL-style UNets") from None
+
+
+def model_id(model) -> str:
+    return f"{type(model.model).__name__}@{id(model.model):x}"
+
+
+def existing_patch(model, kind: str, key) -> object:
+    """A replace patch another node put on this layer (ours are unwrapped to what they chained)."""
+    patch = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {}).get(key)
+    return patch.previous if isinstance(patch, LayerPatch) else patch
+
+
+def install(model, controller: Recorder | Editor, patched: dict[str, list[AttentionLayer]]) -> None:
+    """Put the controller's patches on `model` (a clone), replacing this pack's earlier ones."""
+    for kind, layers in patched.items():
+        for layer in layers:
+            previous = existing_patch(model, kind, layer.key)
+            model.set_model_patch_replace(LayerPatch(controller, kind, layer, previous), kind, *layer.key)
+    model.remove_wrappers_with_key("outer_sample", EDIT_KEY)
+    model.add_wrapper_with_key("outer_sample", EDIT_KEY, controller.outer_sample)
+    post = [f for f in model.model_options.get("sampler_post_cfg_function", [])
+            if not isinstance(getattr(f, "__self__", None), (Recorder, Editor))]
+    model.model_options["sampler_post_cfg_function"] = post + [controller.post_cfg]
+    model.model_options.setdefault("transformer_options", {})[EDIT_KEY] = controller
+
+
+def current_editor(model) -> Editor | None:
+    c = model.model_options.get("transformer_options", {}).get(EDIT_KEY)
+    return c if isinstance(c, Editor) else None
+
+
+def check_source(record: SourceRecord, source_latent: dict, node: str) -> str:
+    """The store must hold the finished run that produced `source_latent`; returns its run id."""
+    if not isinstance(record, SourceRecord):
+        raise NodeInputError(node, "store", "expects the ATTENTION_STORE output of an AttentionStore node")
+    samples = source_latent["samples"]
+    if not record.complete or record.result is None:
+        raise NodeInputError(node, "source_latent", "the attention store has not recorded a source run yet: "
+                             "sample the source branch with AttentionStore's MODEL and connect that sampler's "
+                             "LATENT here")
+    if record.result.shape != samples.shape or not torch.allclose(record.result, samples.float().cpu(), atol=1e-5):
+        raise NodeInputError(node, "source_latent", "this latent is not the output of the sampler that used "
+                             "this AttentionStore's MODEL (a store from another run or branch): connect the "
+                             "source sampler's LATENT output")
+    return record.run_id

@@ -1,0 +1,71 @@
+"""AttentionStore: the source branch's recorder."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.controllers import Recorder
+from ..attention.layers import PRESETS, select_layers
+from ..attention.record import RecordSpec, SourceRecord
+from ..attention.schedule import ScheduleError, StepRange
+from .common import NodeInputError, attention_fn, encode, install, model_id, model_layers, prompt_from_clip
+
+AttentionStoreType = io.Custom("ATTENTION_STORE")
+
+
+def map_level(layers) -> int:
+    """Level of the token maps kept for local blend: P2P uses latent/4 (16² at 512 px); a latent
+    whose /4 grid is smaller than 8x8 uses the deepest level that still has >= 8x8."""
+    return min(2, max(l.level for l in layers))
+
+
+class AttentionStore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttentionStore",
+            display_name="Attention Store (source branch)",
+            category="attention_edit",
+            description="Records the source branch's attention while an ordinary sampler samples it. "
+                        "Sample the source with this MODEL and CONDITIONING; the edit nodes read the store.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("source_prompt", multiline=True, default="a red circle",
+                                tooltip="The source prompt. For a real image it describes the image (P2P); "
+                                        "FPE also works with an empty prompt."),
+                io.Float.Input("cross_attention_until", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Keep cross-attention queries for this first fraction of the steps "
+                                       "(P2P edits inject for their own fraction, at most this)."),
+                io.Combo.Input("self_attention_layers", options=list(PRESETS), default="fpe",
+                               tooltip="Layers whose self-attention is kept (fpe: layers 4-14; p2p_16/p2p_32: "
+                                       "resolutions <= 16²/32² at 512 px; none saves memory for P2P-only edits)."),
+                io.Float.Input("self_attention_until", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Keep self-attention for this first fraction of the steps."),
+                io.Combo.Input("storage", options=["model dtype", "fp16"], default="model dtype",
+                               tooltip="fp16 halves the store's memory at a tiny loss of exactness."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="Sample the source branch with this model."),
+                io.Conditioning.Output(display_name="source_positive"),
+                AttentionStoreType.Output(display_name="store"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, source_prompt, cross_attention_until, self_attention_layers,
+                self_attention_until, storage) -> io.NodeOutput:
+        prompt = prompt_from_clip(clip, source_prompt, "AttentionStore", "source_prompt")
+        layers = model_layers(model, "AttentionStore")
+        self_layers = select_layers(layers, self_attention_layers)
+        try:
+            spec = RecordSpec(
+                cross_layers=frozenset(l.key for l in layers), cross_steps=StepRange(0, cross_attention_until),
+                self_layers=frozenset(l.key for l in self_layers), self_steps=StepRange(0, self_attention_until),
+                map_level=map_level(layers), storage_dtype=torch.float16 if storage == "fp16" else None)
+        except ScheduleError as e:
+            raise NodeInputError("AttentionStore", "cross_attention_until/self_attention_until", str(e)) from None
+        record = SourceRecord(spec, prompt, model_id(model), {l.key: l for l in layers})
+        m = model.clone()
+        install(m, Recorder(record, attention_fn), {"attn1": self_layers, "attn2": layers})
+        return io.NodeOutput(m, encode(clip, source_prompt), record)
