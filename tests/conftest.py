@@ -1,0 +1,64 @@
+"""Fixtures: ComfyUI in-process (fast tests) and the real ComfyUI server (end-to-end tests).
+
+Both use the ComfyUI that tools/setup.sh prepared (or COMFYUI_PATH) with this pack and the
+TinySD demo-model loader installed as custom nodes. No part of ComfyUI is mocked.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes():
+    """ComfyUI's NODE_CLASS_MAPPINGS with this pack and the demo-model loader loaded in-process."""
+    import comfyui_env
+
+    path = comfyui_env.setup()
+    import torch
+
+    torch.set_num_threads(1)
+    import nodes
+
+    for name in ("comfyui-attention-edit", "comfyui-attention-edit-demo-model"):
+        folder = path / "custom_nodes" / name
+        assert folder.exists(), f"{folder} missing: run tools/setup.sh"
+        assert asyncio.run(nodes.load_custom_node(str(folder))), f"ComfyUI failed to load {name}"
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def tiny(comfy_nodes):
+    """(MODEL, CLIP, VAE) of TinySD, loaded by the demo loader node."""
+    return comfy_nodes["TinySDCheckpointLoader"].execute().result
+
+
+def server_module():
+    """tests/server.py, imported by path under its own name (ComfyUI has a top-level `server` module)."""
+    import importlib.util
+
+    name = "attn_edit_comfy_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "server.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The real ComfyUI server (tests/server.py) in a subprocess, with this pack and the TinySD
+    loader; its output/input/temp folders and its log (server.log_path) are in a pytest tmp dir."""
+    s = server_module().ComfyServer(tmp_path_factory.mktemp("comfyui-server")).start(timeout=90)
+    try:
+        yield s
+    finally:
+        s.stop()

@@ -1,0 +1,79 @@
+"""End to end on the real ComfyUI server (a subprocess, see tests/server.py): the pack's nodes are
+registered, a Prompt-to-Prompt graph runs through POST /prompt, and a failing graph does not
+take the server down."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphs
+
+STEPS = 12
+SEED = 1234
+
+PACK_INPUTS = {
+    "AttentionStore": ["model", "clip", "source_prompt", "cross_attention_until", "self_attention_layers",
+                       "self_attention_until", "storage"],
+    "P2PReplace": ["model", "clip", "store", "source_latent", "target_prompt", "cross_attention_until",
+                   "word_schedules", "self_attention_until", "self_attention_layers"],
+    "P2PRefine": ["model", "clip", "store", "source_latent", "target_prompt", "cross_attention_until",
+                  "word_schedules", "self_attention_until", "self_attention_layers"],
+    "P2PReweight": ["model", "clip", "store", "source_latent", "target_prompt", "weights", "cross_attention_until"],
+    "P2PLocalBlend": ["model", "source_words", "target_words", "threshold", "start", "subtract_words"],
+    "FPESelfAttnInject": ["model", "store", "source_latent", "layers", "until"],
+    "TinySDCheckpointLoader": [],
+}
+PACK_OUTPUTS = {
+    "AttentionStore": ["MODEL", "CONDITIONING", "ATTENTION_STORE"],
+    "P2PReplace": ["MODEL", "CONDITIONING"],
+    "P2PRefine": ["MODEL", "CONDITIONING"],
+    "P2PReweight": ["MODEL", "CONDITIONING"],
+    "P2PLocalBlend": ["MODEL"],
+    "FPESelfAttnInject": ["MODEL"],
+    "TinySDCheckpointLoader": ["MODEL", "CLIP", "VAE"],
+}
+
+
+def test_object_info_lists_pack_nodes(server):
+    info = server.object_info()
+    missing = [n for n in PACK_INPUTS if n not in info]
+    assert not missing, f"not registered: {missing}\n{server.log_tail()}"
+    for name, inputs in PACK_INPUTS.items():
+        spec = info[name]["input"]
+        got = list(spec.get("required", {})) + list(spec.get("optional", {}))
+        assert got == inputs, name
+        assert list(info[name]["output"]) == PACK_OUTPUTS[name], name
+    for name in PACK_INPUTS:
+        if name != "TinySDCheckpointLoader":
+            assert info[name]["category"] == "attention_edit", name
+
+
+def test_p2p_replace_end_to_end(server):
+    plain = server.run(graphs.plain_graph("a red circle", SEED, steps=STEPS), timeout=120)
+    (reference,) = server.images(plain, graphs.PLAIN_SAVE)
+
+    entry = server.run(graphs.edit_graph("replace", "a red circle", "a blue circle", SEED, steps=STEPS), timeout=120)
+    (source,) = server.images(entry, graphs.SOURCE_SAVE)
+    (edited,) = server.images(entry, graphs.EDITED_SAVE)
+
+    assert source.shape == edited.shape == reference.shape == (128, 128, 3)
+    # recording the source's attention must not change the source image
+    assert np.abs(source - reference).max() <= 1 / 255 + 1e-6
+    # the edit changes the image
+    assert np.abs(edited - source).mean() > 1 / 255
+
+
+def test_server_survives_failing_graph(server):
+    bad = graphs.edit_graph("replace", "a red circle", "a big blue circle", SEED, steps=STEPS)
+    with pytest.raises(Exception) as err:
+        server.run(bad, timeout=120)
+    assert type(err.value).__name__ == "ServerError"
+    message = str(err.value)
+    assert "P2PReplace" in message and "target_prompt" in message, message
+
+    # a later good graph (new seed: nothing cached) still runs to the end
+    entry = server.run(graphs.edit_graph("replace", "a red circle", "a green circle", SEED + 1, steps=STEPS),
+                       timeout=120)
+    images = server.images(entry)
+    assert len(images) == 2 and all(im.shape == (128, 128, 3) for im in images)
+    assert server.proc is not None and server.proc.poll() is None

@@ -1,0 +1,150 @@
+"""Demo: every edit of the pack on the real ComfyUI server, with the TinySD demo model.
+
+    bash tools/setup.sh && OMP_NUM_THREADS=1 .venv/bin/python tools/demo.py
+
+Starts ComfyUI headless (tests/server.py), submits one API-format graph per edit (tools/graphs.py:
+source branch with AttentionStore, target branch with the edit node, same seed), and writes
+out/demo/<edit>_source.png, out/demo/<edit>_edited.png and out/demo/demo_grid.png (source row
+above edited row, x2 nearest-neighbour). `--ckpt NAME --size 512` runs the same graphs with
+CheckpointLoaderSimple on a checkpoint of that ComfyUI's models/checkpoints instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import graphs  # noqa: E402
+
+# name -> (edit, source prompt, target prompt, edit-node inputs, local-blend inputs)
+DEMOS = {
+    "replace_color": ("replace", "a red circle", "a blue circle", {}, None),
+    "replace_shape": ("replace", "a red circle", "a red square", {}, None),
+    "refine_background": ("refine", "a red circle", "a red circle on a black background", {}, None),
+    "reweight": ("reweight", "a red circle on a gray background", "a red circle on a gray background",
+                 {"weights": "red=-1.0"}, None),
+    "local_blend": ("local_blend", "a red circle on a gray background", "a blue circle on a gray background",
+                    {}, {"source_words": "circle", "target_words": "circle"}),
+    "fpe": ("fpe", "a red circle", "a blue circle", {}, None),
+}
+
+
+def load_server_module():
+    """tests/server.py by path (ComfyUI has a top-level module named `server` too)."""
+    name = "attn_edit_comfy_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "server.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def grid(rows: list[tuple[str, list]], columns: list[tuple[str, str]], scale: int = 2):
+    """Images (PIL) in rows, each upscaled x`scale` (NEAREST), a label left of each row and two
+    label lines (edit name, target prompt) above each column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    w, h = (d * scale for d in rows[0][1][0].size)
+    pad, left, top = 10, 64, 40
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    col_w = max([w] + [int(measure.textlength(t, font=font)) + 1 for c in columns for t in c])
+    canvas = Image.new("RGB", (left + len(columns) * (col_w + pad), top + len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (name, subtitle) in enumerate(columns):
+        x = left + c * (col_w + pad)
+        draw.text((x, 4), name, fill="black", font=font)
+        draw.text((x, 21), subtitle, fill=(90, 90, 90), font=font)
+    for r, (label, images) in enumerate(rows):
+        y = top + r * (h + pad)
+        draw.text((6, y + h // 2 - 7), label, fill="black", font=font)
+        for c, im in enumerate(images):
+            x = left + c * (col_w + pad) + (col_w - w) // 2
+            canvas.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
+    return canvas
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "out" / "demo"), help="output folder (default out/demo)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--only", nargs="+", choices=list(DEMOS), help="run only these edits")
+    ap.add_argument("--ckpt", help="use CheckpointLoaderSimple with this checkpoint instead of TinySD")
+    ap.add_argument("--size", type=int, default=128, help="image size in pixels (TinySD: 128)")
+    args = ap.parse_args(argv)
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loader = graphs.checkpoint_loader(args.ckpt) if args.ckpt else graphs.TINYSD
+    names = args.only or list(DEMOS)
+    server_mod = load_server_module()
+    workdir = tempfile.mkdtemp(prefix="attn-edit-demo-")
+    server = server_mod.ComfyServer(workdir)
+    print(f"starting ComfyUI ({server.comfyui}) ...", flush=True)
+    failed = []
+    try:
+        server.start(timeout=120)
+        print(f"  ready in {time.perf_counter() - t0:.1f} s on port {server.port}", flush=True)
+        queued = {}
+        for name in names:
+            edit, source, target, inputs, blend = DEMOS[name]
+            g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=args.cfg, size=args.size,
+                                  loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend)
+            queued[name] = server.queue(g)
+        results = {}
+        for name in names:
+            t = time.perf_counter()
+            try:
+                entry = server.wait(queued[name], timeout=600)
+            except server_mod.ServerError as e:
+                print(f"  {name}: FAILED: {e}", flush=True)
+                failed.append(name)
+                continue
+            pair = []
+            for node, role in ((graphs.SOURCE_SAVE, "source"), (graphs.EDITED_SAVE, "edited")):
+                (ref,) = server.image_refs(entry, node)
+                data = server.image_bytes(ref)
+                path = out / f"{name}_{role}.png"
+                path.write_bytes(data)
+                pair.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                print(f"  wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
+            results[name] = pair
+            print(f"  {name}: {DEMOS[name][1]!r} -> {DEMOS[name][2]!r} ({time.perf_counter() - t:.1f} s)", flush=True)
+        if results:
+            cols = [(n, DEMOS[n][2] + (f" [{DEMOS[n][3]['weights']}]" if "weights" in DEMOS[n][3] else ""))
+                    for n in results]
+            sheet = grid([("source", [p[0] for p in results.values()]), ("edited", [p[1] for p in results.values()])],
+                         cols)
+            sheet.save(out / "demo_grid.png")
+            print(f"  wrote {out / 'demo_grid.png'}", flush=True)
+    except server_mod.ServerError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        failed.append("server")
+    finally:
+        server.stop()
+    if failed:
+        print(f"failed: {', '.join(failed)}; server log kept at {server.log_path}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"total {time.perf_counter() - t0:.1f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""ComfyUI graphs in API format (the JSON that POST /prompt takes) for the demo and the tests.
+
+Every builder returns a plain dict {node_id: {"class_type": ..., "inputs": {...}}}; a link is
+[node_id, output_index]. The model comes from `loader`: TinySDCheckpointLoader (the demo model,
+the default) or `checkpoint_loader("some.safetensors")` (CheckpointLoaderSimple); both give
+MODEL, CLIP, VAE as outputs 0, 1, 2, so the graphs are otherwise identical.
+
+Node ids are fixed names, so results can be found in a history entry: SOURCE_SAVE holds the
+source image, EDITED_SAVE the edited one (PLAIN_SAVE in `plain_graph`).
+"""
+from __future__ import annotations
+
+import copy
+
+TINYSD = {"class_type": "TinySDCheckpointLoader", "inputs": {}}
+SOURCE_SAVE, EDITED_SAVE, PLAIN_SAVE = "source_save", "edited_save", "plain_save"
+EDITS = ("replace", "refine", "reweight", "local_blend", "fpe")
+
+
+def checkpoint_loader(ckpt_name: str) -> dict:
+    """CheckpointLoaderSimple for a checkpoint in ComfyUI's models/checkpoints."""
+    return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}
+
+
+def _node(class_type: str, **inputs) -> dict:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def _sampler(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler) -> dict:
+    return _node("KSampler", model=model, positive=positive, negative=negative, latent_image=latent, seed=seed,
+                 steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=1.0)
+
+
+def _base(loader: dict | None, negative: str, size: int) -> dict:
+    return {
+        "loader": copy.deepcopy(loader or TINYSD),
+        "negative": _node("CLIPTextEncode", clip=["loader", 1], text=negative),
+        "latent": _node("EmptyLatentImage", width=size, height=size, batch_size=1),
+    }
+
+
+def _decode_save(graph: dict, name: str, latent: list, prefix: str) -> None:
+    graph[f"{name}_decode"] = _node("VAEDecode", samples=latent, vae=["loader", 2])
+    graph[f"{name}_save"] = _node("SaveImage", images=[f"{name}_decode", 0], filename_prefix=prefix)
+
+
+def plain_graph(prompt: str, seed: int, *, steps: int = 20, cfg: float = 5.0, size: int = 128,
+                loader: dict | None = None, negative: str = "", sampler_name: str = "euler",
+                scheduler: str = "normal", prefix: str = "attention_edit/plain") -> dict:
+    """Loader -> CLIPTextEncode -> KSampler -> VAEDecode -> SaveImage, without any node of the pack."""
+    g = _base(loader, negative, size)
+    g["positive"] = _node("CLIPTextEncode", clip=["loader", 1], text=prompt)
+    g["plain_sampler"] = _sampler(["loader", 0], ["positive", 0], ["negative", 0], ["latent", 0], seed, steps, cfg,
+                                  sampler_name, scheduler)
+    _decode_save(g, "plain", ["plain_sampler", 0], prefix)
+    return g
+
+
+def edit_graph(edit: str, source_prompt: str, target_prompt: str, seed: int, *, steps: int = 20,
+               cfg: float = 5.0, size: int = 128, loader: dict | None = None, negative: str = "",
+               sampler_name: str = "euler", scheduler: str = "normal", prefix: str = "attention_edit/edit",
+               store: dict | None = None, edit_inputs: dict | None = None, blend: dict | None = None) -> dict:
+    """Source branch (AttentionStore -> KSampler) and target branch (edit node(s) -> KSampler, same seed).
+
+    edit: "replace" (P2PReplace), "refine" (P2PRefine), "reweight" (P2PReweight), "local_blend"
+    (P2PReplace, or P2PRefine when `edit_inputs` has "node": "P2PRefine", then P2PLocalBlend) or
+    "fpe" (FPESelfAttnInject; the target prompt goes through a plain CLIPTextEncode).
+    store / edit_inputs / blend override the widget values of AttentionStore, the edit node and
+    P2PLocalBlend.
+    """
+    if edit not in EDITS:
+        raise ValueError(f"unknown edit '{edit}'; choose one of {', '.join(EDITS)}")
+    g = _base(loader, negative, size)
+    g["store"] = _node("AttentionStore", model=["loader", 0], clip=["loader", 1], source_prompt=source_prompt,
+                       **{"cross_attention_until": 1.0, "self_attention_layers": "all", "self_attention_until": 1.0,
+                          "storage": "model dtype", **(store or {})})
+    g["source_sampler"] = _sampler(["store", 0], ["store", 1], ["negative", 0], ["latent", 0], seed, steps, cfg,
+                                   sampler_name, scheduler)
+    _decode_save(g, "source", ["source_sampler", 0], f"{prefix}_source")
+
+    link = {"model": ["loader", 0], "store": ["store", 2], "source_latent": ["source_sampler", 0]}
+    extra = dict(edit_inputs or {})
+    if edit == "fpe":
+        g["edit"] = _node("FPESelfAttnInject", **link, **{"layers": "fpe", "until": 1.0, **extra})
+        g["target_positive"] = _node("CLIPTextEncode", clip=["loader", 1], text=target_prompt)
+        model, positive = ["edit", 0], ["target_positive", 0]
+    else:
+        link.update(clip=["loader", 1], target_prompt=target_prompt)
+        if edit == "reweight":
+            g["edit"] = _node("P2PReweight", **link, **{"weights": "red=2.0", "cross_attention_until": 0.8, **extra})
+        else:
+            default_node = "P2PRefine" if edit == "refine" else "P2PReplace"
+            node = extra.pop("node", default_node)
+            g["edit"] = _node(node, **link, **{"cross_attention_until": 0.8, "word_schedules": "",
+                                               "self_attention_until": 0.4, "self_attention_layers": "p2p_16",
+                                               **extra})
+        model, positive = ["edit", 0], ["edit", 1]
+        if edit == "local_blend":
+            g["blend"] = _node("P2PLocalBlend", model=model, **{"source_words": "circle", "target_words": "circle",
+                                                               "threshold": 0.3, "start": 0.2, "subtract_words": "",
+                                                               **(blend or {})})
+            model = ["blend", 0]
+    g["target_sampler"] = _sampler(model, positive, ["negative", 0], ["latent", 0], seed, steps, cfg,
+                                   sampler_name, scheduler)
+    _decode_save(g, "edited", ["target_sampler", 0], f"{prefix}_edited")
+    return g
