@@ -36,6 +36,25 @@ def current_sigma(extra: dict) -> float:
     return float(torch.as_tensor(extra["sigmas"]).flatten()[0])
 
 
+class Occurrences:
+    """Names each model evaluation of a run: samplers such as heun evaluate the model twice at the
+    same sigma (a correction, then the next step), so a key is the sigma and its occurrence number,
+    counted per layer and chunk. Source and target sample alike, so their keys agree."""
+
+    def __init__(self):
+        self.seen: dict[tuple, int] = {}
+
+    def key(self, sigma: float, *where) -> str:
+        sk = sigma_key(sigma)
+        n = self.seen.get((sk, *where), 0)
+        self.seen[(sk, *where)] = n + 1
+        return f"{sk}#{n}"
+
+
+def key_sigma(key: str) -> float:
+    return float(key.partition("#")[0])
+
+
 def spatial_hw(extra: dict, tokens: int) -> tuple[int, int]:
     """The (h, w) of this layer's token grid, from the latent's shape."""
     _, _, H, W = extra["original_shape"][:4]
@@ -66,9 +85,11 @@ class Recorder(Shared):
     def __init__(self, record: SourceRecord, attention: AttentionFn = sdpa):
         self.record, self.attention = record, attention
         self.map_tokens = record.prompt.end + 1
+        self.occurrences = Occurrences()
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.record.begin(sigmas, tuple(noise.shape))
+        self.occurrences = Occurrences()
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         self.record.finish(out)
         return out
@@ -79,9 +100,10 @@ class Recorder(Shared):
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
             return out
         sigma = current_sigma(extra)
-        sk, step = sigma_key(sigma), step_index(sigma, rec.sample_sigmas)
+        step = step_index(sigma, rec.sample_sigmas)
         spec = rec.spec
         for cou, rows in chunks(extra, q.shape[0]):
+            sk = self.occurrences.key(sigma, patch.kind, key, cou)
             if patch.kind == "attn1":
                 if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
                     rec.self_qk[(key, sk, cou)] = (rec.keep(q[rows]), rec.keep(k[rows]))
@@ -89,14 +111,15 @@ class Recorder(Shared):
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
                     rec.cross_q[(key, sk)] = rec.keep(q[rows])
                     rec.cross_k.setdefault(key, rec.keep(k[rows]))
-                if patch.layer.level == spec.map_level:
+                if patch.layer.level == rec.map_level:
                     m = token_maps(q[rows], k[rows], extra["n_heads"], spatial_hw(extra, q.shape[1]), self.map_tokens)
                     rec.maps[sk] = rec.maps[sk] + m if sk in rec.maps else m
         return out
 
     def post_cfg(self, args):
         if self.record.sample_sigmas is not None:
-            self.record.denoised[sigma_key(current_sigma({"sigmas": args["sigma"]}))] = args["denoised"].detach().clone()
+            sk = self.occurrences.key(current_sigma({"sigmas": args["sigma"]}), "denoised")
+            self.record.denoised[sk] = args["denoised"].detach().clone()
         return args["denoised"]
 
 
@@ -138,11 +161,13 @@ class Editor(Shared):
         self.map_tokens = target_end + 1
         self.maps: dict[str, torch.Tensor] = {}  # this run's own token maps (local blend)
         self.sample_sigmas: torch.Tensor | None = None
+        self.occurrences = Occurrences()
 
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.check(sigmas, tuple(noise.shape))
         self.maps.clear()
+        self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()
         try:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -174,9 +199,10 @@ class Editor(Shared):
     def attend(self, patch: LayerPatch, q, k, v, extra):
         rec, key, heads = self.record, patch.layer.key, extra["n_heads"]
         sigma = current_sigma(extra)
-        sk, step = sigma_key(sigma), step_index(sigma, rec.sample_sigmas)
+        step = step_index(sigma, rec.sample_sigmas)
         parts = []
         for cou, rows in chunks(extra, q.shape[0]):
+            sk = self.occurrences.key(sigma, patch.kind, key, cou)
             qc, kc, vc = q[rows], k[rows], v[rows]
             out = None
             if patch.kind == "attn1":
@@ -199,7 +225,7 @@ class Editor(Shared):
                                               "cross_attention_until) or inject for fewer steps")
                         out = edit_cross_attention(qc, kc, vc, self._source(q_s, qc), self._source(k_s, kc),
                                                    self.cross.mapper, alpha, eq, heads, self.attention)
-                if self.blend is not None and patch.layer.level == rec.spec.map_level:
+                if self.blend is not None and patch.layer.level == rec.map_level:
                     m = token_maps(qc, kc, heads, spatial_hw(extra, q.shape[1]), self.map_tokens)
                     self.maps[sk] = self.maps[sk] + m if sk in self.maps else m
             parts.append(out if out is not None else patch.plain(qc, kc, vc, extra, self.attention))
@@ -212,11 +238,12 @@ class Editor(Shared):
         if blend is None or self.sample_sigmas is None:
             return denoised
         sigma = current_sigma({"sigmas": args["sigma"]})
+        sk = self.occurrences.key(sigma, "denoised")
         step = step_index(sigma, rec.sample_sigmas)
         if step < int(blend.start * rec.num_steps):
             return denoised
-        src_denoised, src_maps = rec.denoised.get(sigma_key(sigma)), rec.cumulative_maps(step)
-        tgt_maps = [m for k, m in self.maps.items() if step_index(float(k), rec.sample_sigmas) <= step]
+        src_denoised, src_maps = rec.denoised.get(sk), rec.cumulative_maps(step)
+        tgt_maps = [m for k, m in self.maps.items() if step_index(key_sigma(k), rec.sample_sigmas) <= step]
         if src_denoised is None or src_maps is None or not tgt_maps:
             raise RecordError(f"{self.node}: local blend needs the source's maps and latents at sigma {sigma:.4g}, "
                               "which the attention store did not keep")

@@ -26,8 +26,18 @@ class RecordSpec:
     cross_steps: StepRange
     self_layers: frozenset[tuple[str, int, int]]
     self_steps: StepRange
-    map_level: int | None  # level of the layers whose token maps are kept (local blend, previews)
+    map_positions: int = 16 * 16  # token maps are kept at the finest level with at most this many positions
     storage_dtype: torch.dtype | None = None  # None: the model's dtype
+
+
+def map_level(latent_shape: tuple[int, ...], max_positions: int, deepest: int) -> int:
+    """P2P's local blend reads 16x16 maps at 512 px (latent 64, level 2): the finest level whose
+    grid has at most `max_positions` positions (TinySD, latent 16: level 0)."""
+    h, w = latent_shape[-2:]
+    for level in range(deepest + 1):
+        if (h >> level) * (w >> level) <= max_positions:
+            return level
+    return deepest
 
 
 @dataclass
@@ -41,6 +51,7 @@ class SourceRecord:
     sample_sigmas: torch.Tensor | None = None
     latent_shape: tuple[int, ...] | None = None
     result: torch.Tensor | None = None
+    map_level: int | None = None  # level of the layers whose token maps are kept (local blend, previews)
     cross_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> (B, N, C)
     cross_k: dict = field(default_factory=dict)  # layer key -> (B, 77, C)
     self_qk: dict = field(default_factory=dict)  # (layer key, sigma key, cond_or_uncond) -> (q, k)
@@ -54,6 +65,7 @@ class SourceRecord:
         self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
         self.sample_sigmas = sample_sigmas.detach().float().cpu().clone()
         self.latent_shape = tuple(latent_shape)
+        self.map_level = map_level(latent_shape, self.spec.map_positions, max(l.level for l in self.layers.values()))
 
     def finish(self, result: torch.Tensor) -> None:
         self.result = result.detach().float().cpu().clone()
@@ -75,5 +87,5 @@ class SourceRecord:
     def cumulative_maps(self, step: int) -> torch.Tensor | None:
         """Token maps summed over steps 0..step (P2P's local blend uses the running sum)."""
         from .schedule import step_index
-        picked = [m for k, m in self.maps.items() if step_index(float(k), self.sample_sigmas) <= step]
+        picked = [m for k, m in self.maps.items() if step_index(float(k.partition("#")[0]), self.sample_sigmas) <= step]
         return torch.stack(picked).sum(0) if picked else None

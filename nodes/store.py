@@ -13,12 +13,6 @@ from .common import NodeInputError, attention_fn, encode, install, model_id, mod
 AttentionStoreType = io.Custom("ATTENTION_STORE")
 
 
-def map_level(layers) -> int:
-    """Level of the token maps kept for local blend: P2P uses latent/4 (16² at 512 px); a latent
-    whose /4 grid is smaller than 8x8 uses the deepest level that still has >= 8x8."""
-    return min(2, max(l.level for l in layers))
-
-
 class AttentionStore(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -62,7 +56,7 @@ class AttentionStore(io.ComfyNode):
             spec = RecordSpec(
                 cross_layers=frozenset(l.key for l in layers), cross_steps=StepRange(0, cross_attention_until),
                 self_layers=frozenset(l.key for l in self_layers), self_steps=StepRange(0, self_attention_until),
-                map_level=map_level(layers), storage_dtype=torch.float16 if storage == "fp16" else None)
+                storage_dtype=torch.float16 if storage == "fp16" else None)
         except ScheduleError as e:
             raise NodeInputError("AttentionStore", "cross_attention_until/self_attention_until", str(e)) from None
         record = SourceRecord(spec, prompt, model_id(model), {l.key: l for l in layers})

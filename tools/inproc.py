@@ -1,0 +1,66 @@
+"""ComfyUI in-process with this pack and TinySD, for the measurement scripts (and the tests)."""
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import comfyui_env
+
+
+@functools.lru_cache(maxsize=1)
+def node_classes() -> dict:
+    path = comfyui_env.setup()
+    torch.set_num_threads(1)
+    import nodes
+
+    for name in ("comfyui-attention-edit", "comfyui-attention-edit-demo-model"):
+        folder = path / "custom_nodes" / name
+        if not folder.exists():
+            raise SystemExit(f"{folder} missing: run tools/setup.sh")
+        if not asyncio.run(nodes.load_custom_node(str(folder))):
+            raise SystemExit(f"ComfyUI failed to load {name}")
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@dataclass
+class Tiny:
+    """TinySD loaded through its loader node, with the few calls the scripts need."""
+    model: object
+    clip: object
+    vae: object
+    steps: int = 20
+    cfg: float = 5.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+
+    @classmethod
+    def load(cls, **kw) -> "Tiny":
+        return cls(*node_classes()["TinySDCheckpointLoader"].execute().result, **kw)
+
+    def node(self, name: str):
+        return node_classes()[name]
+
+    def encode(self, text: str):
+        import nodes
+        return nodes.CLIPTextEncode().encode(self.clip, text)[0]
+
+    def latent(self, batch: int = 1) -> dict:
+        import nodes
+        return nodes.EmptyLatentImage().generate(128, 128, batch)[0]
+
+    def sample(self, model, positive, seed: int, batch: int = 1, negative=None, **kw) -> dict:
+        import latent_preview
+        import nodes
+        negative = negative if negative is not None else self.encode("")
+        opts = dict(steps=self.steps, cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler) | kw
+        latent_preview.set_preview_method("none") if hasattr(latent_preview, "set_preview_method") else None
+        return nodes.common_ksampler(model, seed, opts["steps"], opts["cfg"], opts["sampler"], opts["scheduler"],
+                                     positive, negative, self.latent(batch), disable_noise=False)[0]
+
+    def images(self, latent: dict) -> np.ndarray:
+        with torch.no_grad():
+            return self.vae.decode(latent["samples"]).float().cpu().numpy()
