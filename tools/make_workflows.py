@@ -1,0 +1,462 @@
+"""Write the pack's example workflows (workflows/) from API-format graphs.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/make_workflows.py [--out DIR]
+
+For each example it writes three files under DIR (default: the repo's workflows/):
+  <name>_sd15.json            UI format (what ComfyUI's frontend loads; SD1.5 via CheckpointLoaderSimple)
+  demo/<name>_tinysd.json     the same graph on the pack's demo model (TinySDCheckpointLoader)
+  api/<stem>.json             the API format of each (what POST /prompt takes), for scripts and tests
+
+`api_to_ui` converts any API graph into the frontend's workflow format using ComfyUI's
+object_info (computed in-process, the same dict GET /object_info serves); `ui_to_api` converts
+back the way the frontend's graphToPrompt does. Both follow frontend 1.32.9:
+  * a node's inputs are created in object_info "input_order" (required, then optional); inputs
+    whose type has a widget (INT, FLOAT, STRING, BOOLEAN, COMBO, ...) and no forceInput become
+    widgets, all others become sockets;
+  * widgets_values lists the widgets in that order; an INT widget with control_after_generate
+    (or, when that option is absent, an INT named "seed"/"noise_seed") is followed by its
+    "control after generate" value, a COMBO with control_after_generate by that value and a
+    filter-list string;
+  * inputs[] holds the sockets (and widget inputs only when linked), like the frontend's Export;
+    a link's target slot indexes that list.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import functools
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (see the README)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+FRONTEND_VERSION = "1.32.9"
+
+# Input types the frontend renders as widgets (its ComfyWidgets registry; a list spec is a COMBO).
+WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO", "MARKDOWN", "COLOR"}
+UNSUPPORTED_WIDGET_TYPES = {"IMAGEUPLOAD", "IMAGECOMPARE", "CHART", "GALLERIA"}  # add widgets of their own
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+# ----------------------------------------------------------------------------------------------
+# object_info in-process
+
+
+def _node_info(nodes_module, node_class: str) -> dict:
+    """What ComfyUI 0.3.75's server.py `node_info` returns for GET /object_info (copied logic)."""
+    from comfy_api.internal import _ComfyNodeInternal
+
+    obj_class = nodes_module.NODE_CLASS_MAPPINGS[node_class]
+    if issubclass(obj_class, _ComfyNodeInternal):
+        return obj_class.GET_NODE_INFO_V1()
+    info = {"input": obj_class.INPUT_TYPES()}
+    info["input_order"] = {key: list(value.keys()) for key, value in obj_class.INPUT_TYPES().items()}
+    info["output"] = obj_class.RETURN_TYPES
+    info["output_is_list"] = getattr(obj_class, "OUTPUT_IS_LIST", [False] * len(obj_class.RETURN_TYPES))
+    info["output_name"] = getattr(obj_class, "RETURN_NAMES", info["output"])
+    info["name"] = node_class
+    info["display_name"] = nodes_module.NODE_DISPLAY_NAME_MAPPINGS.get(node_class, node_class)
+    info["description"] = getattr(obj_class, "DESCRIPTION", "")
+    info["python_module"] = getattr(obj_class, "RELATIVE_PYTHON_MODULE", "nodes")
+    info["category"] = getattr(obj_class, "CATEGORY", "sd")
+    info["output_node"] = getattr(obj_class, "OUTPUT_NODE", False) is True
+    return info
+
+
+@functools.lru_cache(maxsize=1)
+def object_info() -> dict:
+    """GET /object_info of ComfyUI's core nodes (nodes.py) + this pack + the demo-model loader,
+    in-process. comfy_extras are not loaded: the examples use core nodes only."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import comfyui_env
+
+    path = comfyui_env.setup()
+    import torch
+
+    torch.set_num_threads(1)
+    import nodes
+
+    for name, probe in (("comfyui-attention-edit", "AttentionStore"),
+                        ("comfyui-attention-edit-demo-model", "TinySDCheckpointLoader")):
+        if probe in nodes.NODE_CLASS_MAPPINGS:  # already loaded in this process (e.g. by the tests)
+            continue
+        folder = path / "custom_nodes" / name
+        if not folder.exists():
+            raise SystemExit(f"{folder} missing: run tools/setup.sh")
+        if not asyncio.run(nodes.load_custom_node(str(folder))):
+            raise SystemExit(f"ComfyUI failed to load {name}")
+    out = {}
+    for name in nodes.NODE_CLASS_MAPPINGS:
+        try:  # like the server: a node whose info fails is left out
+            out[name] = json.loads(json.dumps(_node_info(nodes, name)))
+        except Exception:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# input specs as the frontend sees them
+
+
+def ordered_inputs(info: dict) -> list[tuple[str, list, bool]]:
+    """(name, spec, optional) in the order the frontend creates them (getOrderedInputSpecs)."""
+    inp = info.get("input", {})
+    order = info.get("input_order") or {k: list(inp.get(k, {})) for k in ("required", "optional")}
+    out = [(n, list(inp["required"][n]), False) for n in order.get("required", []) if n in inp.get("required", {})]
+    out += [(n, list(inp["optional"][n]), True) for n in order.get("optional", []) if n in inp.get("optional", {})]
+    seen = {n for n, _, _ in out}
+    for section, optional in (("required", False), ("optional", True)):
+        out += [(n, list(s), optional) for n, s in inp.get(section, {}).items() if n not in seen]
+    return out
+
+
+def input_type(spec: list) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def input_options(spec: list) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def combo_values(spec: list) -> list:
+    return spec[0] if isinstance(spec[0], list) else input_options(spec).get("options", [])
+
+
+def is_widget(spec: list) -> bool:
+    t = input_type(spec)
+    if t in UNSUPPORTED_WIDGET_TYPES:
+        raise NotImplementedError(f"widget type {t} is not supported by this converter")
+    return t in WIDGET_TYPES and not input_options(spec).get("forceInput", False)
+
+
+def extra_widget_values(name: str, spec: list) -> list:
+    """Values of the widgets the frontend adds after this input's widget (none, or control ones)."""
+    t, opts = input_type(spec), input_options(spec)
+    if t == "INT":
+        control = opts.get("control_after_generate")
+        if control if control is not None else name in ("seed", "noise_seed"):
+            return ["fixed"]
+    if t == "COMBO" and opts.get("control_after_generate"):
+        return ["fixed", ""]  # control value and its filter list
+    return []
+
+
+def default_value(spec: list):
+    opts = input_options(spec)
+    if "default" in opts:
+        return opts["default"]
+    t = input_type(spec)
+    if t == "COMBO":
+        values = combo_values(spec)
+        return values[0] if values else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(t)
+
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+# ----------------------------------------------------------------------------------------------
+# API <-> UI
+
+
+def complete(api: dict, info: dict) -> dict:
+    """The graph with every widget input it leaves out set to the node's default, and every node
+    titled (_meta.title, the display name unless set), as the frontend's API export has them."""
+    api = copy.deepcopy(api)
+    for nid, node in api.items():
+        if node["class_type"] not in info:
+            raise ValueError(f"node {nid}: unknown node type {node['class_type']}")
+        node.setdefault("_meta", {}).setdefault("title", info[node["class_type"]].get("display_name")
+                                                or node["class_type"])
+        for name, spec, optional in ordered_inputs(info[node["class_type"]]):
+            if name not in node["inputs"] and is_widget(spec) and not optional:
+                value = default_value(spec)
+                if value is None:
+                    raise ValueError(f"node {nid} ({node['class_type']}): input '{name}' has no default: set it")
+                node["inputs"][name] = value
+    return api
+
+
+def _depths(api: dict) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def visit(nid: str, stack: tuple = ()) -> int:
+        if nid in stack:
+            raise ValueError(f"the graph has a cycle through node {nid}")
+        if nid not in depth:
+            srcs = [v[0] for v in api[nid]["inputs"].values() if is_link(v)]
+            depth[nid] = 1 + max((visit(s, stack + (nid,)) for s in srcs), default=-1)
+        return depth[nid]
+
+    for nid in api:
+        visit(nid)
+    return depth
+
+
+def _node_size(title: str, n_sockets: int, widgets: list[tuple[str, list]]) -> list[int]:
+    height = 26 + 22 * n_sockets
+    for name, spec in widgets:
+        multiline = input_type(spec) == "STRING" and input_options(spec).get("multiline")
+        height += 96 if multiline else 24 * (1 + len(extra_widget_values(name, spec)))
+    return [max(320, 9 * len(title) + 40), height + 10]
+
+
+COLUMN_WIDTH, ROW_GAP, MARGIN = 400, 50, 50
+
+
+def api_to_ui(api_graph: dict, object_info: dict) -> dict:
+    """Frontend workflow (UI format, version 0.4) of an API-format graph.
+
+    Node ids must be integers (as strings); a node's "_meta": {"title"} becomes its title.
+    Widget inputs the graph leaves out take the node's default. Layout: one column per
+    topological depth, nodes stacked in id order.
+    """
+    api = complete(api_graph, object_info)
+    for nid, node in api.items():
+        if not str(nid).isdigit():
+            raise ValueError(f"node id '{nid}' is not an integer: the frontend's node ids are numbers")
+        if node["class_type"] not in object_info:
+            raise ValueError(f"node {nid}: unknown node type {node['class_type']}")
+    ids = sorted(api, key=int)
+    depth = _depths(api)
+    exec_order = sorted(ids, key=lambda n: (depth[n], int(n)))
+
+    ui_nodes, links = {}, []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for nid in ids:  # first pass: inputs and widgets; links get ids in (target node, slot) order
+        node, info = api[nid], object_info[api[nid]["class_type"]]
+        known = {n for n, _, _ in ordered_inputs(info)}
+        unknown = set(node["inputs"]) - known
+        if unknown:
+            raise ValueError(f"node {nid} ({node['class_type']}): unknown inputs {sorted(unknown)}")
+        sockets, widget_inputs, widgets_values = [], [], []
+        specs = ordered_inputs(info)
+        for name, spec, optional in specs:  # sockets first (the frontend adds them before widgets)
+            if is_widget(spec):
+                continue
+            value = node["inputs"].get(name)
+            if value is None and not optional:
+                raise ValueError(f"node {nid} ({node['class_type']}): required input '{name}' is not connected")
+            if value is not None and not is_link(value):
+                raise ValueError(f"node {nid} ({node['class_type']}): input '{name}' takes a link, got {value!r}")
+            slot = {"name": name, "type": input_type(spec), "link": None}
+            if optional:
+                slot["shape"] = 7
+            sockets.append((slot, value))
+        for name, spec, optional in specs:
+            if not is_widget(spec):
+                continue
+            value = node["inputs"].get(name, default_value(spec))
+            if is_link(value):  # a widget driven by a link: the widget keeps its default value
+                slot = {"name": name, "type": input_type(spec), "widget": {"name": name}, "link": None}
+                widget_inputs.append((slot, value))
+                value = default_value(spec)
+            widgets_values.append(value)
+            widgets_values += extra_widget_values(name, spec)
+        inputs = []
+        for slot_index, (slot, value) in enumerate(sockets + widget_inputs):
+            if value is not None:
+                src, src_slot = value
+                if src not in api:
+                    raise ValueError(f"node {nid}: input '{slot['name']}' links to missing node {src}")
+                link_id = len(links) + 1
+                links.append([link_id, int(src), src_slot, int(nid), slot_index, slot["type"]])
+                out_links.setdefault((src, src_slot), []).append(link_id)
+                slot["link"] = link_id
+            inputs.append(slot)
+        title = node.get("_meta", {}).get("title") or info.get("display_name") or node["class_type"]
+        widgets = [(n, s) for n, s, _ in specs if is_widget(s)]
+        ui = {"id": int(nid), "type": node["class_type"], "pos": [0, 0],
+              "size": _node_size(title, max(len(sockets), len(info.get("output", []))), widgets),
+              "flags": {}, "order": exec_order.index(nid), "mode": 0, "inputs": inputs, "outputs": []}
+        if title != (info.get("display_name") or node["class_type"]):
+            ui["title"] = title
+        ui["properties"] = {"Node name for S&R": node["class_type"]}
+        ui["widgets_values"] = widgets_values
+        ui_nodes[nid] = ui
+
+    for nid in ids:  # outputs, now that the links are known
+        info = object_info[api[nid]["class_type"]]
+        names = info.get("output_name") or info.get("output", [])
+        is_list = info.get("output_is_list") or [False] * len(info.get("output", []))
+        for slot, out_type in enumerate(info.get("output", [])):
+            out = {"name": names[slot], "type": "COMBO" if isinstance(out_type, list) else out_type,
+                   "links": out_links.get((nid, slot), []), "slot_index": slot}
+            if is_list[slot]:
+                out["shape"] = 6
+            ui_nodes[nid]["outputs"].append(out)
+        for (src, slot) in out_links:
+            if src == nid and slot >= len(info.get("output", [])):
+                raise ValueError(f"a link reads output {slot} of node {nid}, which has {len(info['output'])} outputs")
+
+    columns: dict[int, list[str]] = {}
+    for nid in ids:
+        columns.setdefault(depth[nid], []).append(nid)
+    for d, column in columns.items():
+        y = MARGIN
+        for nid in column:
+            ui_nodes[nid]["pos"] = [MARGIN + d * COLUMN_WIDTH, y]
+            y += ui_nodes[nid]["size"][1] + ROW_GAP
+
+    return {"last_node_id": max(int(n) for n in ids), "last_link_id": len(links),
+            "nodes": [ui_nodes[n] for n in ids], "links": links, "groups": [], "config": {}, "extra": {},
+            "version": 0.4}
+
+
+def widget_slots(info: dict) -> list[tuple[str, list, int]]:
+    """(input name, spec, number of widgets_values it takes) for each widget input, in order."""
+    return [(n, s, 1 + len(extra_widget_values(n, s))) for n, s, _ in ordered_inputs(info) if is_widget(s)]
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """API-format graph of a UI workflow, as the frontend's graphToPrompt builds it."""
+    links = {link[0]: link for link in workflow["links"]}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    api = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) == 2:  # muted: left out
+            continue
+        if node.get("mode", 0) != 0:
+            raise NotImplementedError(f"node {node['id']}: mode {node['mode']} (bypass) is not supported")
+        if node["type"] not in object_info:
+            raise ValueError(f"node {node['id']}: unknown node type {node['type']}")
+        info = object_info[node["type"]]
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec, count in widget_slots(info):
+            # a value the file leaves out keeps the widget's default (the frontend's configure does)
+            inputs[name] = values[0] if values else default_value(spec)
+            values = values[count:]
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widgets_values left over")
+        for slot in node.get("inputs", []):
+            if slot.get("link") is None:
+                continue
+            link = links[slot["link"]]
+            if link[1] in nodes and nodes[link[1]].get("mode", 0) == 0:
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+            else:
+                inputs.pop(slot["name"], None)
+        title = node.get("title") or info.get("display_name") or node["type"]
+        api[str(node["id"])] = {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
+    return api
+
+
+# ----------------------------------------------------------------------------------------------
+# the example graphs
+
+SD15 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
+TINYSD = {"loader": {"class_type": "TinySDCheckpointLoader", "inputs": {}},
+          "size": 128, "steps": 20, "cfg": 5.0, "seed": 42}
+
+# name -> (edit, sd15 prompts/settings, tinysd prompts/settings)
+EXAMPLES = {
+    "p2p_replace": ("replace", {"source": "a cat riding a bicycle", "target": "a cat riding a car"},
+                    {"source": "a red circle", "target": "a blue circle"}),
+    "p2p_refine": ("refine", {"source": "a cat riding a bicycle", "target": "a cat riding a red bicycle"},
+                   {"source": "a red circle", "target": "a red circle on a black background"}),
+    "p2p_reweight": ("reweight", {"source": "a fluffy cat riding a bicycle", "target": "a fluffy cat riding a bicycle",
+                                  "weights": "fluffy=2.0"},
+                     {"source": "a red circle", "target": "a red circle", "weights": "red=2.0"}),
+    "p2p_local_blend": ("local_blend", {"source": "a cat riding a bicycle", "target": "a cat riding a car",
+                                        "source_words": "bicycle", "target_words": "car"},
+                        {"source": "a red circle", "target": "a blue circle",
+                         "source_words": "circle", "target_words": "circle"}),
+    "fpe": ("fpe", {"source": "a cat riding a bicycle", "target": "a cat riding a car"},
+            {"source": "a red circle", "target": "a blue circle"}),
+}
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> str:
+        nid = str(len(self.nodes) + 1)
+        self.nodes[nid] = {"inputs": inputs, "class_type": class_type}
+        if title:
+            self.nodes[nid]["_meta"] = {"title": title}
+        return nid
+
+
+def edit_graph(edit: str, prompts: dict, model: dict) -> dict:
+    """API graph: source branch (AttentionStore -> KSampler) and target branch (edit node -> KSampler),
+    same seed and negative prompt, both decoded and saved. Unset widgets keep the nodes' defaults."""
+    g = _Graph()
+    loader = g.add(model["loader"]["class_type"], **model["loader"]["inputs"])
+    negative = g.add("CLIPTextEncode", "Negative prompt (both branches)", text="", clip=[loader, 1])
+    latent = g.add("EmptyLatentImage", width=model["size"], height=model["size"], batch_size=1)
+    store = g.add("AttentionStore", model=[loader, 0], clip=[loader, 1], source_prompt=prompts["source"])
+    sampling = dict(seed=model["seed"], steps=model["steps"], cfg=model["cfg"], sampler_name="euler",
+                    scheduler="normal", denoise=1.0)
+    source = g.add("KSampler", "KSampler (source)", model=[store, 0], positive=[store, 1], negative=[negative, 0],
+                   latent_image=[latent, 0], **sampling)
+    decoded = g.add("VAEDecode", "VAE Decode (source)", samples=[source, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (source)", images=[decoded, 0], filename_prefix="p2p/source")
+
+    link = dict(model=[loader, 0], store=[store, 2], source_latent=[source, 0])
+    if edit == "fpe":
+        edit_id = g.add("FPESelfAttnInject", **link)
+        positive = [g.add("CLIPTextEncode", "Target prompt", text=prompts["target"], clip=[loader, 1]), 0]
+        edited_model = [edit_id, 0]
+    else:
+        node = {"replace": "P2PReplace", "local_blend": "P2PReplace", "refine": "P2PRefine",
+                "reweight": "P2PReweight"}[edit]
+        extra = {"weights": prompts["weights"]} if edit == "reweight" else {}
+        edit_id = g.add(node, **link, clip=[loader, 1], target_prompt=prompts["target"], **extra)
+        positive, edited_model = [edit_id, 1], [edit_id, 0]
+        if edit == "local_blend":
+            edited_model = [g.add("P2PLocalBlend", model=edited_model, source_words=prompts["source_words"],
+                                  target_words=prompts["target_words"]), 0]
+    target = g.add("KSampler", "KSampler (edited)", model=edited_model, positive=positive, negative=[negative, 0],
+                   latent_image=[latent, 0], **sampling)
+    decoded = g.add("VAEDecode", "VAE Decode (edited)", samples=[target, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (edited)", images=[decoded, 0], filename_prefix="p2p/edited")
+    return g.nodes
+
+
+def example_graphs() -> dict[str, dict]:
+    """Relative UI path (from workflows/) -> API graph (defaults not yet filled in)."""
+    out = {}
+    for name, (edit, sd15, tiny) in EXAMPLES.items():
+        out[f"{name}_sd15.json"] = edit_graph(edit, sd15, SD15)
+        out[f"demo/{name}_tinysd.json"] = edit_graph(edit, tiny, TINYSD)
+    return out
+
+
+def api_path(ui_rel: str) -> str:
+    return f"api/{pathlib.PurePosixPath(ui_rel).name}"
+
+
+def dumps(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_all(out: pathlib.Path, info: dict | None = None) -> list[pathlib.Path]:
+    info = info or object_info()
+    written = []
+    for rel, graph in example_graphs().items():
+        api = complete(graph, info)
+        for path, data in ((out / rel, api_to_ui(api, info)), (out / api_path(rel), api)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dumps(data))
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=WORKFLOWS, help="output folder (default: workflows/)")
+    args = parser.parse_args(argv)
+    for path in write_all(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
