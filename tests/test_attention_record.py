@@ -1,0 +1,82 @@
+"""attention/record.py: map level choice, run bookkeeping, storage, cumulative maps."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from attention.layers import AttentionLayer  # noqa: E402
+from attention.record import RecordSpec, SourceRecord, map_level  # noqa: E402
+from attention.schedule import StepRange  # noqa: E402
+from attention.tokens import parse_prompt  # noqa: E402
+
+SIGMAS = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+LAYERS = [AttentionLayer("input", 1, 0, 0, 0), AttentionLayer("input", 4, 0, 2, 1),
+          AttentionLayer("input", 7, 0, 4, 2), AttentionLayer("middle", 0, 0, 6, 3)]
+
+
+def record(dtype=None, map_positions=256):
+    spec = RecordSpec(frozenset(), StepRange(), frozenset(), StepRange(), map_positions=map_positions,
+                      storage_dtype=dtype)
+    return SourceRecord(spec, parse_prompt("a b", lambda w: [ord(w)]), "m", {l.key: l for l in LAYERS})
+
+
+def test_map_level():
+    assert map_level((1, 4, 64, 64), 256, 3) == 2  # SD1.5 at 512 px: P2P's 16x16 maps
+    assert map_level((1, 4, 16, 16), 256, 3) == 0  # TinySD
+    assert map_level((1, 4, 32, 32), 256, 3) == 1
+    assert map_level((1, 4, 128, 128), 256, 3) == 3
+    assert map_level((1, 4, 64, 96), 256, 3) == 3  # 16x24 = 384 > 256; 8x12 = 96
+    assert map_level((1, 4, 256, 256), 256, 3) == 3  # nothing small enough: the deepest
+    assert map_level((1, 4, 64, 64), 256, 1) == 1
+    assert map_level((64, 64), 64, 3) == 3
+
+
+def test_begin_finish_and_map_level_from_the_latent():
+    r = record()
+    assert r.run_id is None and not r.complete
+    r.cross_q[("input", 1, 0), "x"] = torch.ones(1)
+    r.begin(SIGMAS, (1, 4, 32, 32))
+    first = r.run_id
+    assert r.cross_q == {} and not r.complete and r.num_steps == 4 and r.latent_shape == (1, 4, 32, 32)
+    assert r.map_level == 1
+    r.finish(torch.ones(1, 4, 32, 32, dtype=torch.float16))
+    assert r.complete and r.result.dtype == torch.float32
+    r.begin(SIGMAS, (1, 4, 64, 64))
+    assert r.run_id != first and not r.complete and r.result is None and r.map_level == 2
+    record_small = record(map_positions=16)
+    record_small.begin(SIGMAS, (1, 4, 64, 64))
+    assert record_small.map_level == 3  # 8x8 = 64 > 16: the deepest level
+
+
+def test_keep_copies_or_casts_and_nbytes():
+    r = record()
+    t = torch.ones(2, 3)
+    kept = r.keep(t)
+    t.zero_()
+    assert torch.equal(kept, torch.ones(2, 3)) and kept.dtype == torch.float32
+    r16 = record(dtype=torch.float16)
+    assert r16.keep(torch.ones(2, 3)).dtype == torch.float16
+    r.begin(SIGMAS, (1, 4, 16, 16))
+    r.cross_q[("k", "s")] = torch.zeros(2, 3)  # 24 bytes
+    r.self_qk[("k", "s", 0)] = (torch.zeros(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16))  # 16
+    r.denoised["s"] = torch.zeros(1)  # 4
+    assert r.nbytes() == 24 + 16 + 4
+
+
+def test_cumulative_maps_sum_every_evaluation_up_to_the_step():
+    r = record()
+    r.begin(SIGMAS, (1, 4, 16, 16))
+    r.maps = {"10#0": torch.full((1, 2, 2, 2), 1.0), "7#0": torch.full((1, 2, 2, 2), 2.0),  # step 0
+              "5#0": torch.full((1, 2, 2, 2), 4.0), "5#1": torch.full((1, 2, 2, 2), 8.0),  # step 1
+              "2#0": torch.full((1, 2, 2, 2), 16.0)}  # step 2
+    assert torch.equal(r.cumulative_maps(0), torch.full((1, 2, 2, 2), 3.0))
+    assert torch.equal(r.cumulative_maps(1), torch.full((1, 2, 2, 2), 15.0))
+    assert torch.equal(r.cumulative_maps(3), torch.full((1, 2, 2, 2), 31.0))
+    r.maps = {}
+    assert r.cumulative_maps(2) is None
