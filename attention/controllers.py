@@ -56,10 +56,14 @@ def key_sigma(key: str) -> float:
 
 
 def spatial_hw(extra: dict, tokens: int) -> tuple[int, int]:
-    """The (h, w) of this layer's token grid, from the latent's shape."""
-    _, _, H, W = extra["original_shape"][:4]
-    f = round((H * W / tokens) ** 0.5)
-    return H // f, W // f
+    """The (h, w) of this layer's token grid: the latent downsampled by stride-2 convolutions
+    (each halving rounds up) until it has `tokens` positions."""
+    h, w = extra["original_shape"][-2:]
+    while h * w > tokens and h > 1:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(f"no downsampled grid of the latent {tuple(extra['original_shape'][-2:])} has {tokens} positions")
+    return h, w
 
 
 @dataclass

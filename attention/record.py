@@ -35,8 +35,9 @@ def map_level(latent_shape: tuple[int, ...], max_positions: int, deepest: int) -
     grid has at most `max_positions` positions (TinySD, latent 16: level 0)."""
     h, w = latent_shape[-2:]
     for level in range(deepest + 1):
-        if (h >> level) * (w >> level) <= max_positions:
+        if h * w <= max_positions:
             return level
+        h, w = -(-h // 2), -(-w // 2)  # stride-2 convolutions round up
     return deepest
 
 

@@ -51,6 +51,8 @@ def parse_word_fractions(text: str) -> dict[str, float]:
             out[word.strip()] = float(value)
         except ValueError:
             raise ScheduleError(f"'{item}' is not of the form word=fraction (e.g. 'car=0.4')") from None
+        if not word.strip():
+            raise ScheduleError(f"'{item}' names no word (write e.g. 'car=0.4')")
         if not sep or not 0.0 <= out[word.strip()] <= 1.0:
             raise ScheduleError(f"'{item}': the fraction must be within [0, 1] (e.g. 'car=0.4')")
     return out
