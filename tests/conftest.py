@@ -5,7 +5,6 @@ TinySD demo-model loader installed as custom nodes. No part of ComfyUI is mocked
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import pathlib
 import sys
@@ -20,19 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def comfy_nodes():
     """ComfyUI's NODE_CLASS_MAPPINGS with this pack and the demo-model loader loaded in-process."""
-    import comfyui_env
+    import inproc
 
-    path = comfyui_env.setup()
-    import torch
-
-    torch.set_num_threads(1)
-    import nodes
-
-    for name in ("comfyui-attention-edit", "comfyui-attention-edit-demo-model"):
-        folder = path / "custom_nodes" / name
-        assert folder.exists(), f"{folder} missing: run tools/setup.sh"
-        assert asyncio.run(nodes.load_custom_node(str(folder))), f"ComfyUI failed to load {name}"
-    return nodes.NODE_CLASS_MAPPINGS
+    return inproc.node_classes()
 
 
 @pytest.fixture(scope="session")
