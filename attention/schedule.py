@@ -42,17 +42,23 @@ class StepRange:
         return self.end <= self.start
 
 
-def parse_word_fractions(text: str) -> dict[str, float]:
-    """'bicycle=0.4, car=0.6' -> {'bicycle': 0.4, 'car': 0.6} (per-word cross-attention schedules)."""
+def parse_word_values(text: str, low: float = 0.0, high: float = 1.0, what: str = "fraction") -> dict[str, float]:
+    """'bicycle=0.4, car=0.6' -> {'bicycle': 0.4, 'car': 0.6}, each value within [low, high]."""
+    example = f"car={high / 2:g}"
     out: dict[str, float] = {}
     for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
         word, sep, value = item.partition("=")
         try:
             out[word.strip()] = float(value)
         except ValueError:
-            raise ScheduleError(f"'{item}' is not of the form word=fraction (e.g. 'car=0.4')") from None
+            raise ScheduleError(f"'{item}' is not of the form word={what} (e.g. '{example}')") from None
         if not word.strip():
-            raise ScheduleError(f"'{item}' names no word (write e.g. 'car=0.4')")
-        if not sep or not 0.0 <= out[word.strip()] <= 1.0:
-            raise ScheduleError(f"'{item}': the fraction must be within [0, 1] (e.g. 'car=0.4')")
+            raise ScheduleError(f"'{item}' names no word (write e.g. '{example}')")
+        if not sep or not low <= out[word.strip()] <= high:
+            raise ScheduleError(f"'{item}': the {what} must be within [{low:g}, {high:g}] (e.g. '{example}')")
     return out
+
+
+def parse_word_fractions(text: str) -> dict[str, float]:
+    """Per-word cross-attention schedules: 'bicycle=0.4, car=0.6'."""
+    return parse_word_values(text)

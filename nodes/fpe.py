@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.layers import PRESETS, select_layers
+from ..attention.record import SourceRecord
 from .common import NodeInputError, model_layers
 from .p2p import build_editor, install_editor
 from .store import AttentionStoreType
@@ -34,7 +35,8 @@ class FPESelfAttnInject(io.ComfyNode):
     @classmethod
     def execute(cls, model, store, source_latent, layers, until) -> io.NodeOutput:
         chosen = select_layers(model_layers(model, "FPESelfAttnInject"), layers)
-        missing = [l for l in chosen if l.key not in getattr(store, "spec", None).self_layers] if hasattr(store, "spec") else []
+        recorded = store.spec.self_layers if isinstance(store, SourceRecord) else frozenset(l.key for l in chosen)
+        missing = [l for l in chosen if l.key not in recorded]
         if missing:
             raise NodeInputError("FPESelfAttnInject", "layers", f"the store does not keep self-attention of "
                                  f"{', '.join(map(str, missing[:3]))}...: set AttentionStore's self_attention_layers "

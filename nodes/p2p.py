@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..attention.align import refine_mapper, replace_mapper
 from ..attention.controllers import CrossEdit, Editor, LocalBlend
 from ..attention.layers import PRESETS, select_layers
-from ..attention.schedule import ScheduleError, StepRange, parse_word_fractions
+from ..attention.schedule import ScheduleError, StepRange, parse_word_fractions, parse_word_values
 from ..attention.tokens import PromptError, split_words
 from .common import (NodeInputError, attention_fn, check_source, current_editor, encode, install, model_id,
                      model_layers, prompt_from_clip)
@@ -137,7 +137,7 @@ class P2PRefine(_P2PEdit):
 
 def parse_weights(node: str, text: str, target) -> torch.Tensor:
     try:
-        weights = parse_word_fractions_signed(text)
+        weights = parse_word_values(text, -2.0, 2.0, "weight")
         eq = torch.ones(77)
         for word, c in weights.items():
             eq[target.positions(word)] = c
@@ -146,20 +146,6 @@ def parse_weights(node: str, text: str, target) -> torch.Tensor:
     if not weights:
         raise NodeInputError(node, "weights", "no word to re-weight: write e.g. 'red=2.0'")
     return eq
-
-
-def parse_word_fractions_signed(text: str) -> dict[str, float]:
-    out = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        word, sep, value = item.partition("=")
-        try:
-            c = float(value)
-        except ValueError:
-            raise ScheduleError(f"'{item}' is not of the form word=weight") from None
-        if not sep or not -2.0 <= c <= 2.0:
-            raise ScheduleError(f"'{item}': the weight must be within [-2, 2]")
-        out[word.strip()] = c
-    return out
 
 
 class P2PReweight(io.ComfyNode):
