@@ -81,3 +81,18 @@ def summarise(rows: list[dict]) -> dict[str, float]:
     ps = [r["psnr_bg"] for r in rows if np.isfinite(r["psnr_bg"])]
     return {"n": len(rows), "success": float(np.mean([r["success"] for r in rows])),
             "iou": float(np.mean([r["iou"] for r in rows])), "psnr_bg": float(np.median(ps)) if ps else float("nan")}
+
+
+def reweight_sweep(tiny: inproc.Tiny, seed: int, batch: int, weights=(-2.0, -1.0, 0.0, 1.0, 2.0)):
+    """'a red circle' re-weighted with red=c: (mean image redness r - (g+b)/2, latent) per c."""
+    src_model, pos, store = tiny.node("AttentionStore").execute(tiny.model, tiny.clip, "a red circle", 1.0, "none",
+                                                                1.0, "model dtype").result
+    source = tiny.sample(src_model, pos, seed, batch)
+    out = []
+    for c in weights:
+        model, tgt_pos = tiny.node("P2PReweight").execute(tiny.model, tiny.clip, store, source, "a red circle",
+                                                          f"red={c}", 0.8).result
+        latent = tiny.sample(model, tgt_pos, seed, batch)
+        img = tiny.images(latent)
+        out.append((float((img[..., 0] - (img[..., 1] + img[..., 2]) / 2).mean()), latent))
+    return source, out

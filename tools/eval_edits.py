@@ -8,6 +8,7 @@ masks), for seed only (no injection), P2P (replace or refine), P2P + local blend
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -19,8 +20,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=25, help="samples (noise seeds) per prompt pair; 2 pairs per kind")
     ap.add_argument("--seed", type=int, default=777)
+    ap.add_argument("--reweight-only", action="store_true", help="only the re-weight sweep")
     args = ap.parse_args()
     tiny = inproc.Tiny.load()
+    if args.reweight_only:
+        return reweight(tiny)
     results: dict[tuple[str, str], list[dict]] = defaultdict(list)
     t0 = time.time()
     for i, case in enumerate(edits.CASES):
@@ -32,6 +36,13 @@ def main() -> None:
     for (kind, method), rows in results.items():
         s = edits.summarise(rows)
         print(f"{kind:8s} {method:20s} {s['n']:4d} {s['success']:8.2f} {s['iou']:6.2f} {s['psnr_bg']:8.1f}")
+    reweight(tiny)
+
+
+def reweight(tiny: inproc.Tiny) -> None:
+    _, sweep = edits.reweight_sweep(dataclasses.replace(tiny, steps=12), seed=8, batch=8)
+    print("re-weight 'a red circle', red=c for c = -2, -1, 0, 1, 2 (8 samples, 12 steps, as in the test): mean redness "
+          + ", ".join(f"{r:.3f}" for r, _ in sweep))
 
 
 if __name__ == "__main__":
