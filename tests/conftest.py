@@ -30,23 +30,13 @@ def tiny(comfy_nodes):
     return comfy_nodes["TinySDCheckpointLoader"].execute().result
 
 
-def server_module():
-    """tests/server.py, imported by path under its own name (ComfyUI has a top-level `server` module)."""
-    import importlib.util
-
-    name = "attn_edit_comfy_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "server.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """The real ComfyUI server (tests/server.py) in a subprocess, with this pack and the TinySD
     loader; its output/input/temp folders and its log (server.log_path) are in a pytest tmp dir."""
-    s = server_module().ComfyServer(tmp_path_factory.mktemp("comfyui-server")).start(timeout=90)
+    import comfyui_env
+
+    s = comfyui_env.server_module().ComfyServer(tmp_path_factory.mktemp("comfyui-server")).start(timeout=90)
     try:
         yield s
     finally:

@@ -27,21 +27,13 @@ import numpy as np
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from comfyui_env import comfyui_path  # noqa: E402  (one rule for where ComfyUI is)
 PACK_FOLDERS = ("comfyui-attention-edit", "comfyui-attention-edit-demo-model")
 
 
 class ServerError(RuntimeError):
     """The server failed to start, rejected a graph, or a graph failed; carries the log tail."""
-
-
-def comfyui_path() -> pathlib.Path:
-    """Same rule as tools/comfyui_env.py: COMFYUI_PATH, else the folder setup.sh recorded."""
-    if os.environ.get("COMFYUI_PATH"):
-        return pathlib.Path(os.environ["COMFYUI_PATH"]).resolve()
-    recorded = REPO / ".comfyui" / "path"
-    if recorded.exists():
-        return pathlib.Path(recorded.read_text().strip())
-    return REPO / ".comfyui" / "ComfyUI"
 
 
 def default_python() -> str:

@@ -5,7 +5,6 @@ import pathlib
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -34,3 +34,16 @@ def setup(cpu: bool | None = None) -> pathlib.Path:
     comfy.cli_args.args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     comfy.cli_args.args.use_pytorch_cross_attention = True
     return path
+
+
+def server_module():
+    """tests/server.py (the real-server harness), imported by path under its own name: ComfyUI has
+    a top-level module called `server` too."""
+    import importlib.util
+
+    name = "attn_edit_comfy_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "server.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]

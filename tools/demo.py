@@ -11,7 +11,6 @@ CheckpointLoaderSimple on a checkpoint of that ComfyUI's models/checkpoints inst
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import pathlib
@@ -23,6 +22,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+import comfyui_env  # noqa: E402
 import graphs  # noqa: E402
 
 # name -> (edit, source prompt, target prompt, edit-node inputs, local-blend inputs)
@@ -36,16 +36,6 @@ DEMOS = {
                     {}, {"source_words": "circle", "target_words": "circle"}),
     "fpe": ("fpe", "a red circle", "a blue circle", {}, None),
 }
-
-
-def load_server_module():
-    """tests/server.py by path (ComfyUI has a top-level module named `server` too)."""
-    name = "attn_edit_comfy_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "server.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def grid(rows: list[tuple[str, list]], columns: list[tuple[str, str]], scale: int = 2):
@@ -93,7 +83,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loader = graphs.checkpoint_loader(args.ckpt) if args.ckpt else graphs.TINYSD
     names = args.only or list(DEMOS)
-    server_mod = load_server_module()
+    server_mod = comfyui_env.server_module()
     workdir = tempfile.mkdtemp(prefix="attn-edit-demo-")
     server = server_mod.ComfyServer(workdir)
     print(f"starting ComfyUI ({server.comfyui}) ...", flush=True)

@@ -12,7 +12,6 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
 
 import inproc
 

@@ -7,7 +7,6 @@ parts. `--install` puts a tiny import hook into the venv (a .pth file): just bef
 imported it declares the two op schemas whose absence breaks the import. It never touches an
 environment where torchvision's ops load, and it lives only in this project's git-ignored .venv.
 """
-import importlib.abc
 import pathlib
 import sys
 import sysconfig
