@@ -131,8 +131,9 @@ def main() -> None:
     ap.add_argument("--state", default=str(REPO / ".train" / "tinysd_state.pt"), help="resume state (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "demo_model" / "tinysd.safetensors"))
     ap.add_argument("--offset-noise", type=float, default=0.0, help="per-channel offset noise (0.1 is usual)")
+    ap.add_argument("--init-from", help="start a new run from a TinySD checkpoint's UNet (e.g. the shipped one)")
     ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=500, help="caption-accuracy check every N steps (0: never)")
     args = ap.parse_args()
 
     emb, te = caption_embeddings(args.seed)
@@ -141,6 +142,12 @@ def main() -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     state_path, out = pathlib.Path(args.state), pathlib.Path(args.out)
     step = 0
+    if args.init_from and not state_path.exists():
+        prefix = "model.diffusion_model."
+        weights = safetensors.torch.load_file(args.init_from)
+        unet.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        print(f"initialised from {args.init_from}", flush=True)
     if state_path.exists():
         st = torch.load(state_path, weights_only=True)
         unet.load_state_dict(st["unet"]); opt.load_state_dict(st["opt"]); ema = st["ema"]; step = st["step"]
@@ -169,7 +176,7 @@ def main() -> None:
         if step % args.save_every == 0 or step == args.steps:
             torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step}, state_path)
             export(ema, te, out)
-        if step % args.eval_every == 0 or step == args.steps:
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             live = build_unet(args.seed); live.load_state_dict(ema); live.eval()
             colour, shape = caption_accuracy(live, emb)
             msg = f"step {step} caption accuracy (EMA, 36 samples, 15 DDIM steps, cfg 5): colour {colour:.2f} shape {shape:.2f}"
