@@ -15,6 +15,7 @@ from .inject import AttentionFn, blend_mask, edit_cross_attention, inject_self_a
 from .layers import AttentionLayer
 from .record import COND, RecordError, SourceRecord
 from .schedule import StepRange, sigma_key, step_index
+from .tokens import MAX_TOKENS, Prompt
 
 
 class Shared:
@@ -158,11 +159,12 @@ class Editor(Shared):
 
     def __init__(self, record: SourceRecord, run_id: str, cross: CrossEdit | None = None,
                  self_layers: frozenset = frozenset(), self_steps: StepRange = StepRange(0, 0),
-                 blend: LocalBlend | None = None, target_end: int = 76, node: str = "P2P",
+                 blend: LocalBlend | None = None, target: Prompt | None = None, node: str = "P2P",
                  attention: AttentionFn = sdpa):
         self.record, self.run_id, self.cross, self.blend = record, run_id, cross, blend
         self.self_layers, self.self_steps, self.node, self.attention = self_layers, self_steps, node, attention
-        self.map_tokens = target_end + 1
+        self.target = target  # the target prompt (None: FPE, which has no prompt of its own)
+        self.map_tokens = (target.end if target is not None else MAX_TOKENS - 1) + 1
         self.maps: dict[str, torch.Tensor] = {}  # this run's own token maps (local blend)
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()

@@ -41,6 +41,6 @@ class FPESelfAttnInject(io.ComfyNode):
             raise NodeInputError("FPESelfAttnInject", "layers", f"the store does not keep self-attention of "
                                  f"{', '.join(map(str, missing[:3]))}...: set AttentionStore's self_attention_layers "
                                  "to a preset that includes them (e.g. 'fpe' or 'all')")
-        editor = build_editor("FPESelfAttnInject", model, store, source_latent, getattr(store, "prompt", None),
+        editor = build_editor("FPESelfAttnInject", model, store, source_latent, None,
                               None, chosen, until)
         return io.NodeOutput(install_editor(model, editor))

@@ -53,9 +53,10 @@ def build_editor(node, model, store, source_latent, target, cross: CrossEdit | N
         self_steps = StepRange(0, self_until)
     except ScheduleError as e:
         raise NodeInputError(node, "self_attention_until", str(e)) from None
+    if target is None and previous is not None:
+        target = previous.target
     editor = Editor(store, run_id, cross, frozenset(l.key for l in self_layers), self_steps,
-                    target_end=target.end, node=node, attention=attention_fn)
-    editor.target = target
+                    target=target, node=node, attention=attention_fn)
     if previous is not None:  # compose with what an earlier edit node of this pack set up
         editor.cross = editor.cross or previous.cross
         editor.blend = previous.blend
@@ -170,7 +171,7 @@ class P2PReweight(io.ComfyNode):
         eq = parse_weights(node, weights, target)
         previous = current_editor(model)
         if previous is not None and previous.cross is not None:
-            if getattr(previous, "target", None) is None or previous.target.ids != target.ids:
+            if previous.target is None or previous.target.ids != target.ids:
                 raise NodeInputError(node, "target_prompt", "differs from the earlier edit's target prompt: use the same text")
             cross = dataclasses.replace(previous.cross, equalizer=eq)
         else:
@@ -208,7 +209,7 @@ class P2PLocalBlend(io.ComfyNode):
     def execute(cls, model, source_words, target_words, threshold, start, subtract_words) -> io.NodeOutput:
         node = "P2PLocalBlend"
         editor = current_editor(model)
-        if editor is None:
+        if editor is None or editor.target is None:
             raise NodeInputError(node, "model", "carries no P2P edit: connect the MODEL output of P2PReplace, "
                                  "P2PRefine or P2PReweight")
         try:
@@ -217,6 +218,5 @@ class P2PLocalBlend(io.ComfyNode):
         except PromptError as e:
             raise NodeInputError(node, "source_words/target_words", f"{e}; name words of the prompts") from None
         new = Editor(editor.record, editor.run_id, editor.cross, editor.self_layers, editor.self_steps, blend,
-                     editor.target.end, node, attention_fn)
-        new.target = editor.target
+                     editor.target, node, attention_fn)
         return io.NodeOutput(install_editor(model, new))

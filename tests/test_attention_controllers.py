@@ -82,7 +82,7 @@ def in_run(editor, calls, latent=(1, 4, H, W)):
 def full_editor(record, **kw):
     cross = CrossEdit(torch.eye(T), torch.ones(T), StepRange(0, 1))
     kw = {"cross": cross, "self_layers": frozenset({LAYER.key}), "self_steps": StepRange(0, 1),
-          "target_end": 4, **kw}
+          "target": P("a red circle"), **kw}
     editor = Editor(record, record.run_id, **kw)
     editor.check(SIGMAS, (1, 4, H, W))
     return editor
@@ -323,7 +323,7 @@ def test_editor_expands_a_source_batch_of_one():
     record = record_of(cross, self_)
     (q2, k2, v2), _ = tensors(100, batch=2)  # rows: uncond, uncond, cond, cond
     editor = Editor(record, record.run_id, cross=CrossEdit(torch.eye(T), torch.ones(T), StepRange(0, 1)),
-                    target_end=4)
+                    target=P("a red circle"))
     editor.check(SIGMAS, (2, 4, H, W))
     out = LayerPatch(editor, "attn2", LAYER)(q2, k2, v2, extra(5.0, batch=2))
     for r in (2, 3):
@@ -489,7 +489,7 @@ def test_editor_local_blend_post_cfg():
     for s, d in src_d.items():
         record.denoised[K(s)] = d
     blend = LocalBlend(source_positions=[2], target_positions=[2], threshold=0.3, start=0.5)
-    editor = Editor(record, record.run_id, blend=blend, target_end=4)
+    editor = Editor(record, record.run_id, blend=blend, target=P("a red circle"))
     q2, k2, v2 = peaked(100, pixel=0)  # target's word at (0, 0)
     seen, outs = {}, {}
 

@@ -53,11 +53,9 @@ class Tiny:
         return nodes.EmptyLatentImage().generate(128, 128, batch)[0]
 
     def sample(self, model, positive, seed: int, batch: int = 1, negative=None, **kw) -> dict:
-        import latent_preview
         import nodes
         negative = negative if negative is not None else self.encode("")
         opts = dict(steps=self.steps, cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler) | kw
-        latent_preview.set_preview_method("none") if hasattr(latent_preview, "set_preview_method") else None
         return nodes.common_ksampler(model, seed, opts["steps"], opts["cfg"], opts["sampler"], opts["scheduler"],
                                      positive, negative, self.latent(batch), disable_noise=False)[0]
 
