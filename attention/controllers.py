@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .inject import AttentionFn, blend_mask, edit_cross_attention, inject_self_attention, sdpa, token_maps
+from .inversion import Trajectory, anchored_denoised
+from .inject import AttentionFn, Job, blend_mask, cross_edit_jobs, run_jobs, sdpa, token_maps
 from .layers import AttentionLayer
-from .record import COND, RecordError, SourceRecord
+from .record import COND, RecordError, SourceRecord, cumulative_maps
 from .schedule import StepRange, sigma_key, step_index
 from .tokens import MAX_TOKENS, Prompt
 
@@ -44,6 +45,12 @@ class Occurrences:
 
     def __init__(self):
         self.seen: dict[tuple, int] = {}
+        self.steps: dict[float, int] = {}  # sigma -> step index: every layer asks, once per model call
+
+    def step(self, sigma: float, sample_sigmas: torch.Tensor) -> int:
+        if sigma not in self.steps:
+            self.steps[sigma] = step_index(sigma, sample_sigmas)
+        return self.steps[sigma]
 
     def key(self, sigma: float, *where) -> str:
         sk = sigma_key(sigma)
@@ -93,6 +100,8 @@ class Recorder(Shared):
         self.occurrences = Occurrences()
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        if self.record.inversion is not None:
+            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
         self.occurrences = Occurrences()
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -105,7 +114,7 @@ class Recorder(Shared):
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
             return out
         sigma = current_sigma(extra)
-        step = step_index(sigma, rec.sample_sigmas)
+        step = self.occurrences.step(sigma, rec.sample_sigmas)
         spec = rec.spec
         for cou, rows in chunks(extra, q.shape[0]):
             sk = self.occurrences.key(sigma, patch.kind, key, cou)
@@ -113,19 +122,45 @@ class Recorder(Shared):
                 if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
                     rec.self_qk[(key, sk, cou)] = (rec.keep(q[rows]), rec.keep(k[rows]))
             elif cou == COND:
+                kept = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
-                    rec.cross_q[(key, sk)] = rec.keep(q[rows])
+                    kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
                     rec.cross_k.setdefault(key, rec.keep(k[rows]))
-                if patch.layer.level == rec.map_level:
-                    m = token_maps(q[rows], k[rows], extra["n_heads"], spatial_hw(extra, q.shape[1]), self.map_tokens)
-                    rec.maps[sk] = rec.maps[sk] + m if sk in rec.maps else m
+                if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
+                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(q[rows])
+                    if key not in rec.map_k:
+                        rec.map_k[key] = rec.cross_k[key] if key in rec.cross_k else rec.keep(k[rows])
+                        rec.map_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
         return out
 
     def post_cfg(self, args):
-        if self.record.sample_sigmas is not None:
-            sk = self.occurrences.key(current_sigma({"sigmas": args["sigma"]}), "denoised")
-            self.record.denoised[sk] = args["denoised"].detach().clone()
-        return args["denoised"]
+        rec, denoised = self.record, args["denoised"]
+        if rec.sample_sigmas is None:
+            return denoised
+        sigma = current_sigma({"sigmas": args["sigma"]})
+        sk = self.occurrences.key(sigma, "denoised")
+        if rec.inversion is not None:  # direct inversion: land on the trajectory's next latent
+            k = rec.inversion.at(sigma)
+            target = rec.inversion.latents[k + 1].to(denoised)
+            anchored = anchored_denoised(args["input"], sigma, float(rec.inversion.sigmas[k + 1]), target)
+            rec.corrections[sk] = (anchored - denoised).detach()
+            denoised = anchored
+        rec.denoised[sk] = denoised.detach().clone()
+        return denoised
+
+
+def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, node: str) -> None:
+    """A branch of a real-image edit must start from the inverted noise, with no noise added."""
+    if len(sigmas) != len(inv.sigmas) or not torch.allclose(sigmas.float().cpu(), inv.sigmas, rtol=1e-4, atol=1e-6):
+        raise RecordError(f"{node}: the sampler's sigmas ({len(sigmas) - 1} steps) differ from DDIMInvert's "
+                          f"({inv.num_steps} steps): use DDIMInvert's steps and scheduler, and denoise 1.0")
+    if tuple(latent_image.shape) != tuple(inv.noise_latent.shape):
+        raise RecordError(f"{node}: the sampler's latent is {tuple(latent_image.shape)} but the inversion's is "
+                          f"{tuple(inv.noise_latent.shape)}: connect DDIMInvert's LATENT (the trajectory is of "
+                          "another image size)")
+    if bool(noise.abs().max() > 0) or not torch.allclose(latent_image.float().cpu(), inv.noise_latent.float().cpu(), atol=1e-5):
+        raise RecordError(f"{node}: the sampler must start from DDIMInvert's LATENT with no noise added: use "
+                          "KSamplerAdvanced with add_noise 'disable' (or SamplerCustom with add_noise off)")
 
 
 @dataclass
@@ -172,6 +207,8 @@ class Editor(Shared):
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.check(sigmas, tuple(noise.shape))
+        if self.record.inversion is not None:
+            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
         self.maps.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()
@@ -205,12 +242,12 @@ class Editor(Shared):
     def attend(self, patch: LayerPatch, q, k, v, extra):
         rec, key, heads = self.record, patch.layer.key, extra["n_heads"]
         sigma = current_sigma(extra)
-        step = step_index(sigma, rec.sample_sigmas)
+        step = self.occurrences.step(sigma, rec.sample_sigmas)
         parts = []
         for cou, rows in chunks(extra, q.shape[0]):
             sk = self.occurrences.key(sigma, patch.kind, key, cou)
             qc, kc, vc = q[rows], k[rows], v[rows]
-            out = None
+            jobs: list[Job] | None = None  # None: this chunk attends as usual
             if patch.kind == "attn1":
                 if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
                     src = rec.self_qk.get((key, sk, cou))
@@ -218,7 +255,7 @@ class Editor(Shared):
                         raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
                                           f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
                                           "self_attention_layers/self_attention_until) or inject fewer layers/steps")
-                    out = inject_self_attention(self._source(src[0], qc), self._source(src[1], kc), vc, heads, self.attention)
+                    jobs = [(self._source(src[0], qc), self._source(src[1], kc), vc)]  # the source's map, our values
             elif cou == COND:
                 if self.cross is not None:
                     alpha = self.cross.alpha(step, rec.num_steps)
@@ -229,32 +266,42 @@ class Editor(Shared):
                             raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
                                               f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
                                               "cross_attention_until) or inject for fewer steps")
-                        out = edit_cross_attention(qc, kc, vc, self._source(q_s, qc), self._source(k_s, kc),
-                                                   self.cross.mapper, alpha, eq, heads, self.attention)
+                        jobs = cross_edit_jobs(qc, kc, vc, self._source(q_s, qc), self._source(k_s, kc),
+                                               self.cross.mapper, alpha, eq)
                 if self.blend is not None and patch.layer.level == rec.map_level:
                     m = token_maps(qc, kc, heads, spatial_hw(extra, q.shape[1]), self.map_tokens)
                     self.maps[sk] = self.maps[sk] + m if sk in self.maps else m
-            parts.append(out if out is not None else patch.plain(qc, kc, vc, extra, self.attention))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            parts.append((jobs, qc, kc, vc))
+        if all(jobs is None for jobs, *_ in parts):  # nothing injected here: one call, as unpatched
+            return patch.plain(q, k, v, extra, self.attention)
+        if patch.previous is None:  # every chunk's products in one attention call
+            outs = run_jobs([jobs or [(qc, kc, vc)] for jobs, qc, kc, vc in parts], heads, self.attention)
+        else:  # another pack's patch computes the plain chunks
+            outs = [run_jobs([jobs], heads, self.attention)[0] if jobs else patch.plain(qc, kc, vc, extra, self.attention)
+                    for jobs, qc, kc, vc in parts]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     # -- local blend ----------------------------------------------------------------------------
     def post_cfg(self, args):
         denoised = args["denoised"]
         blend, rec = self.blend, self.record
-        if blend is None or self.sample_sigmas is None:
+        if self.sample_sigmas is None:
             return denoised
         sigma = current_sigma({"sigmas": args["sigma"]})
         sk = self.occurrences.key(sigma, "denoised")
-        step = step_index(sigma, rec.sample_sigmas)
+        step = self.occurrences.step(sigma, rec.sample_sigmas)
+        if rec.inversion is not None and rec.correct_target and sk in rec.corrections:
+            denoised = denoised + self._source(rec.corrections[sk], denoised)
+        if blend is None:
+            return denoised
         if step < int(blend.start * rec.num_steps):
             return denoised
         src_denoised, src_maps = rec.denoised.get(sk), rec.cumulative_maps(step)
-        tgt_maps = [m for k, m in self.maps.items() if step_index(key_sigma(k), rec.sample_sigmas) <= step]
-        if src_denoised is None or src_maps is None or not tgt_maps:
+        tgt = cumulative_maps(self.maps, rec.sample_sigmas, step)
+        if src_denoised is None or src_maps is None or tgt is None:
             raise RecordError(f"{self.node}: local blend needs the source's maps and latents at sigma {sigma:.4g}, "
                               "which the attention store did not keep")
         size = tuple(denoised.shape[-2:])
-        tgt = torch.stack(tgt_maps).sum(0)
         mask = blend_mask(src_maps.to(denoised.device), blend.source_positions, size, blend.threshold, blend.subtract_source)
         mask = torch.maximum(mask, blend_mask(tgt, blend.target_positions, size, blend.threshold, blend.subtract_target))
         src = self._source(src_denoised, denoised)

@@ -35,21 +35,46 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     return torch.softmax(split(q).float() @ split(k).float().transpose(-1, -2) / d**0.5, dim=-1)
 
 
-def edit_cross_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
-                         q_s: torch.Tensor, k_s: torch.Tensor, mapper: torch.Tensor,
-                         alpha: torch.Tensor, equalizer: torch.Tensor, heads: int,
-                         attention: AttentionFn = sdpa) -> torch.Tensor:
-    """Output of M_new V for M_new = (M_src A) diag(alpha*c) + M_tgt diag(1-alpha).
+Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v) of one attention product
+
+
+def cross_edit_jobs(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+                    q_s: torch.Tensor, k_s: torch.Tensor, mapper: torch.Tensor,
+                    alpha: torch.Tensor, equalizer: torch.Tensor) -> list[Job]:
+    """The attention products whose sum is M_new V, M_new = (M_src A) diag(alpha*c) + M_tgt diag(1-alpha).
 
     mapper A: (n_src, n_tgt); alpha, equalizer: (n_tgt,) or (B, n_tgt).
     """
     alpha = alpha.to(v_t).expand(v_t.shape[0], -1)[..., None]
     equalizer = equalizer.to(v_t).expand(v_t.shape[0], -1)[..., None]
     v_src = torch.einsum("st,btc->bsc", mapper.to(v_t), alpha * equalizer * v_t)
-    out = attention(q_s, k_s, v_src, heads)
+    jobs = [(q_s, k_s, v_src)]
     if bool((alpha < 1).any()):
-        out = out + attention(q_t, k_t, (1 - alpha) * v_t, heads)
-    return out
+        jobs.append((q_t, k_t, (1 - alpha) * v_t))
+    return jobs
+
+
+def run_jobs(groups: list[list[Job]], heads: int, attention: AttentionFn = sdpa) -> list[torch.Tensor]:
+    """Each group's summed attention products, computed in ONE attention call over the
+    concatenated batch (the keys of all jobs must have the same length)."""
+    jobs = [job for group in groups for job in group]
+    if len(jobs) == 1:
+        return [attention(*jobs[0], heads)]
+    out = attention(*(torch.cat([job[i] for job in jobs]) for i in range(3)), heads)
+    pieces = out.split([job[0].shape[0] for job in jobs])
+    results, i = [], 0
+    for group in groups:
+        results.append(sum(pieces[i + 1:i + len(group)], pieces[i]))
+        i += len(group)
+    return results
+
+
+def edit_cross_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+                         q_s: torch.Tensor, k_s: torch.Tensor, mapper: torch.Tensor,
+                         alpha: torch.Tensor, equalizer: torch.Tensor, heads: int,
+                         attention: AttentionFn = sdpa) -> torch.Tensor:
+    """Output of M_new V (see cross_edit_jobs): one or two fused attention products, one call."""
+    return run_jobs([cross_edit_jobs(q_t, k_t, v_t, q_s, k_s, mapper, alpha, equalizer)], heads, attention)[0]
 
 
 def inject_self_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_t: torch.Tensor, heads: int,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .inversion import Trajectory
 from .layers import AttentionLayer
 from .schedule import StepRange
 from .tokens import Prompt
@@ -56,12 +57,19 @@ class SourceRecord:
     cross_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> (B, N, C)
     cross_k: dict = field(default_factory=dict)  # layer key -> (B, 77, C)
     self_qk: dict = field(default_factory=dict)  # (layer key, sigma key, cond_or_uncond) -> (q, k)
-    maps: dict = field(default_factory=dict)  # sigma key -> (B, T, h, w), summed over map layers
+    map_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond queries of the map-level layers
+    map_k: dict = field(default_factory=dict)  # layer key -> cond keys of a map-level layer
+    map_hw: dict = field(default_factory=dict)  # layer key -> (heads, (h, w))
     denoised: dict = field(default_factory=dict)  # sigma key -> (B, C, H, W)
+    inversion: Trajectory | None = None  # a real image's trajectory: the source is re-anchored to it
+    correct_target: bool = True  # direct inversion: the target gets the source's corrections too
+    corrections: dict = field(default_factory=dict)  # sigma key -> anchored minus model denoised
+    _maps: dict = field(default_factory=dict, repr=False)  # sigma key -> token maps, computed when asked
 
     def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
         """A new source run: forget the last one."""
-        for d in (self.cross_q, self.cross_k, self.self_qk, self.maps, self.denoised):
+        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self.map_hw, self._maps,
+                  self.denoised, self.corrections):
             d.clear()
         self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
         self.sample_sigmas = sample_sigmas.detach().float().cpu().clone()
@@ -81,12 +89,34 @@ class SourceRecord:
         return len(self.sample_sigmas) - 1
 
     def nbytes(self) -> int:
-        tensors = [*self.cross_q.values(), *self.cross_k.values(), *self.maps.values(), *self.denoised.values()]
+        tensors = [*self.cross_q.values(), *self.cross_k.values(), *self.map_q.values(), *self.map_k.values(),
+                   *self.denoised.values(), *self.corrections.values()]
         tensors += [t for pair in self.self_qk.values() for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        unique = {id(t): t for t in tensors}  # a map layer's queries may also be its kept cross queries
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    @property
+    def maps(self) -> dict[str, torch.Tensor]:
+        """sigma key -> head-averaged token maps (B, T, h, w) summed over the map-level layers.
+        Computed from the kept queries and keys when first asked (local blend, previews), so a
+        source run that nobody blends pays only for keeping a few low-resolution queries."""
+        from .inject import token_maps
+        for (key, sk), q in self.map_q.items():
+            if (key, sk) in self._maps:
+                continue
+            heads, hw = self.map_hw[key]
+            self._maps[(key, sk)] = token_maps(q, self.map_k[key], heads, hw, self.prompt.end + 1)
+        out: dict[str, torch.Tensor] = {}
+        for (key, sk), m in self._maps.items():
+            out[sk] = out[sk] + m if sk in out else m
+        return out
 
     def cumulative_maps(self, step: int) -> torch.Tensor | None:
-        """Token maps summed over steps 0..step (P2P's local blend uses the running sum)."""
-        from .schedule import step_index
-        picked = [m for k, m in self.maps.items() if step_index(float(k.partition("#")[0]), self.sample_sigmas) <= step]
-        return torch.stack(picked).sum(0) if picked else None
+        return cumulative_maps(self.maps, self.sample_sigmas, step)
+
+
+def cumulative_maps(maps: dict[str, torch.Tensor], sample_sigmas: torch.Tensor, step: int) -> torch.Tensor | None:
+    """Token maps (keyed by sigma key) summed over steps 0..step: P2P's local blend uses the running sum."""
+    from .schedule import step_index
+    picked = [m for k, m in maps.items() if step_index(float(k.partition("#")[0]), sample_sigmas) <= step]
+    return torch.stack(picked).sum(0) if picked else None

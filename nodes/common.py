@@ -78,8 +78,13 @@ def install(model, controller: Recorder | Editor, patched: dict[str, list[Attent
     model.model_options.setdefault("transformer_options", {})[EDIT_KEY] = controller
 
 
-def current_editor(model) -> Editor | None:
+def current_controller(model) -> Recorder | Editor | None:
     c = model.model_options.get("transformer_options", {}).get(EDIT_KEY)
+    return c if isinstance(c, (Recorder, Editor)) else None
+
+
+def current_editor(model) -> Editor | None:
+    c = current_controller(model)
     return c if isinstance(c, Editor) else None
 
 

@@ -5,9 +5,11 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.controllers import Recorder
+from ..attention.inversion import Trajectory
 from ..attention.layers import PRESETS, select_layers
 from ..attention.record import RecordSpec, SourceRecord
 from ..attention.schedule import ScheduleError, StepRange
+from .invert import InversionType
 from .common import NodeInputError, attention_fn, encode, install, model_id, model_layers, prompt_from_clip
 
 AttentionStoreType = io.Custom("ATTENTION_STORE")
@@ -38,6 +40,13 @@ class AttentionStore(io.ComfyNode):
                                tooltip="Keep self-attention for this first fraction of the steps."),
                 io.Combo.Input("storage", options=["model dtype", "fp16"], default="model dtype",
                                tooltip="fp16 halves the store's memory at a tiny loss of exactness."),
+                io.Boolean.Input("correct_target", default=True,
+                                 tooltip="With an inversion: add the source's per-step corrections to the target "
+                                         "branch too (keeps unedited regions closer to the image)."),
+                InversionType.Input("inversion", optional=True,
+                                             tooltip="A real image's DDIMInvert trajectory: the source branch is "
+                                                     "re-anchored to it every step (direct inversion), so it "
+                                                     "reconstructs the image exactly with sampler euler/ddim."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Sample the source branch with this model."),
@@ -48,7 +57,7 @@ class AttentionStore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, source_prompt, cross_attention_until, self_attention_layers,
-                self_attention_until, storage) -> io.NodeOutput:
+                self_attention_until, storage, correct_target=True, inversion=None) -> io.NodeOutput:
         prompt = prompt_from_clip(clip, source_prompt, "AttentionStore", "source_prompt")
         layers = model_layers(model, "AttentionStore")
         self_layers = select_layers(layers, self_attention_layers)
@@ -60,6 +69,13 @@ class AttentionStore(io.ComfyNode):
         except ScheduleError as e:
             raise NodeInputError("AttentionStore", "cross_attention_until/self_attention_until", str(e)) from None
         record = SourceRecord(spec, prompt, model_id(model), {l.key: l for l in layers})
+        if inversion is not None:
+            if not isinstance(inversion, Trajectory):
+                raise NodeInputError("AttentionStore", "inversion", "expects the inversion output of DDIMInvert")
+            if inversion.model_id != record.model_id:
+                raise NodeInputError("AttentionStore", "inversion", "the image was inverted with another model: "
+                                     "give DDIMInvert the same MODEL as AttentionStore")
+            record.inversion, record.correct_target = inversion, bool(correct_target)
         m = model.clone()
         install(m, Recorder(record, attention_fn), {"attn1": self_layers, "attn2": layers})
         return io.NodeOutput(m, encode(clip, source_prompt), record)

@@ -14,7 +14,7 @@ if str(REPO) not in sys.path:
 
 from attention.align import refine_mapper, replace_mapper  # noqa: E402
 from attention.inject import (attention_probs, blend_mask, edit_cross_attention,  # noqa: E402
-                              inject_self_attention, sdpa, token_maps)
+                              inject_self_attention, run_jobs, sdpa, token_maps)
 from attention.tokens import parse_prompt  # noqa: E402
 
 HEADS, D = 2, 8
@@ -143,15 +143,30 @@ def test_edit_of_identical_branches_is_plain_attention():
 
 
 def test_edit_uses_the_given_attention_function(qkv):
+    """...and both attention products go through it in one call over the doubled batch."""
     calls = []
 
     def attention(q, k, v, heads):
-        calls.append(heads)
+        calls.append((heads, q.shape[0]))
         return sdpa(q, k, v, heads)
 
     edit_cross_attention(qkv["q_t"], qkv["k_t"], qkv["v_t"], qkv["q_s"], qkv["k_s"], torch.eye(T),
                          torch.full((T,), 0.5), torch.ones(T), HEADS, attention)
-    assert calls == [HEADS, HEADS]
+    assert calls == [(HEADS, 2 * B)]
+
+
+def test_run_jobs_sums_each_group_from_one_call():
+    jobs = [(rand(B, NQ, C, seed=s), rand(B, T, C, seed=s + 1), rand(B, T, C, seed=s + 2)) for s in (31, 34, 37)]
+    calls = []
+
+    def attention(q, k, v, heads):
+        calls.append(q.shape[0])
+        return sdpa(q, k, v, heads)
+
+    first, second = run_jobs([jobs[:2], jobs[2:]], HEADS, attention)
+    assert calls == [3 * B]
+    torch.testing.assert_close(first, sdpa(*jobs[0], HEADS) + sdpa(*jobs[1], HEADS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(second, sdpa(*jobs[2], HEADS), atol=1e-6, rtol=0)
 
 
 def test_inject_self_attention():

@@ -11,7 +11,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from attention.layers import AttentionLayer  # noqa: E402
-from attention.record import RecordSpec, SourceRecord, map_level  # noqa: E402
+from attention.record import RecordSpec, SourceRecord, cumulative_maps, map_level  # noqa: E402
 from attention.schedule import StepRange  # noqa: E402
 from attention.tokens import parse_prompt  # noqa: E402
 
@@ -70,13 +70,10 @@ def test_keep_copies_or_casts_and_nbytes():
 
 
 def test_cumulative_maps_sum_every_evaluation_up_to_the_step():
-    r = record()
-    r.begin(SIGMAS, (1, 4, 16, 16))
-    r.maps = {"10#0": torch.full((1, 2, 2, 2), 1.0), "7#0": torch.full((1, 2, 2, 2), 2.0),  # step 0
+    maps = {"10#0": torch.full((1, 2, 2, 2), 1.0), "7#0": torch.full((1, 2, 2, 2), 2.0),  # step 0
               "5#0": torch.full((1, 2, 2, 2), 4.0), "5#1": torch.full((1, 2, 2, 2), 8.0),  # step 1
               "2#0": torch.full((1, 2, 2, 2), 16.0)}  # step 2
-    assert torch.equal(r.cumulative_maps(0), torch.full((1, 2, 2, 2), 3.0))
-    assert torch.equal(r.cumulative_maps(1), torch.full((1, 2, 2, 2), 15.0))
-    assert torch.equal(r.cumulative_maps(3), torch.full((1, 2, 2, 2), 31.0))
-    r.maps = {}
-    assert r.cumulative_maps(2) is None
+    assert torch.equal(cumulative_maps(maps, SIGMAS, 0), torch.full((1, 2, 2, 2), 3.0))
+    assert torch.equal(cumulative_maps(maps, SIGMAS, 1), torch.full((1, 2, 2, 2), 15.0))
+    assert torch.equal(cumulative_maps(maps, SIGMAS, 3), torch.full((1, 2, 2, 2), 31.0))
+    assert cumulative_maps({}, SIGMAS, 2) is None

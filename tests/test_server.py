@@ -13,7 +13,7 @@ SEED = 1234
 
 PACK_INPUTS = {
     "AttentionStore": ["model", "clip", "source_prompt", "cross_attention_until", "self_attention_layers",
-                       "self_attention_until", "storage"],
+                       "self_attention_until", "storage", "correct_target", "inversion"],
     "P2PReplace": ["model", "clip", "store", "source_latent", "target_prompt", "cross_attention_until",
                    "word_schedules", "self_attention_until", "self_attention_layers"],
     "P2PRefine": ["model", "clip", "store", "source_latent", "target_prompt", "cross_attention_until",
@@ -21,6 +21,9 @@ PACK_INPUTS = {
     "P2PReweight": ["model", "clip", "store", "source_latent", "target_prompt", "weights", "cross_attention_until"],
     "P2PLocalBlend": ["model", "source_words", "target_words", "threshold", "start", "subtract_words"],
     "FPESelfAttnInject": ["model", "store", "source_latent", "layers", "until"],
+    "DDIMInvert": ["model", "positive", "negative", "latent", "steps", "scheduler", "cfg"],
+    "NullTextInversion": ["model", "inversion", "positive", "negative", "cfg", "inner_steps", "learning_rate",
+                          "early_stop"],
     "TinySDCheckpointLoader": [],
 }
 PACK_OUTPUTS = {
@@ -30,6 +33,8 @@ PACK_OUTPUTS = {
     "P2PReweight": ["MODEL", "CONDITIONING"],
     "P2PLocalBlend": ["MODEL"],
     "FPESelfAttnInject": ["MODEL"],
+    "DDIMInvert": ["LATENT", "INVERSION"],
+    "NullTextInversion": ["CONDITIONING"],
     "TinySDCheckpointLoader": ["MODEL", "CLIP", "VAE"],
 }
 

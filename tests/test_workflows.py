@@ -17,7 +17,7 @@ WORKFLOWS = REPO / "workflows"
 UI_FILES = sorted(p for p in WORKFLOWS.rglob("*.json") if "api" not in p.relative_to(WORKFLOWS).parts)
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 # Combos listing the user's model files: the value names a file the user supplies.
-FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name")}
+FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): (".safetensors", ".ckpt"), ("LoadImage", "image"): (".png",)}
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 
 
@@ -38,14 +38,14 @@ def test_the_expected_workflows_are_there():
     expected = set(mw.example_graphs())
     assert {rel(p) for p in UI_FILES} >= expected
     assert {rel(p) for p in API_FILES} >= {mw.api_path(r) for r in expected}
-    assert len(expected) == 10
+    assert len(expected) == 14
 
 
 def check_widget_value(node_type: str, name: str, spec: list, value, where: str) -> None:
     t, opts = mw.input_type(spec), mw.input_options(spec)
     if t == "COMBO":
         if (node_type, name) in FILE_COMBOS:
-            assert isinstance(value, str) and value.endswith((".safetensors", ".ckpt")), where
+            assert isinstance(value, str) and value.endswith(FILE_COMBOS[(node_type, name)]), where
         else:
             assert value in mw.combo_values(spec), f"{where}: {value!r} not in {mw.combo_values(spec)}"
     elif t == "INT":
@@ -107,8 +107,12 @@ def test_ui_workflow_is_consistent_with_object_info(path, object_info):
         assert len(values) == sum(count for _, _, count in mw.widget_slots(info)), f"{where}: widgets_values count"
         for name, spec, count in mw.widget_slots(info):
             check_widget_value(node["type"], name, spec, values[0], f"{where}: widget '{name}'")
+            expected_extra = ["image"] if mw.input_options(spec).get("image_upload") else None  # upload button
             for extra in values[1:count]:
-                assert extra in mw.CONTROL_VALUES or extra == "", f"{where}: control value of '{name}': {extra!r}"
+                if expected_extra:
+                    assert [extra] == expected_extra, f"{where}: upload widget of '{name}': {extra!r}"
+                else:
+                    assert extra in mw.CONTROL_VALUES or extra == "", f"{where}: control value of '{name}': {extra!r}"
             values = values[count:]
 
     for link_id, from_node, from_slot, to_node, to_slot, link_type in wf["links"]:
@@ -132,14 +136,16 @@ def test_ui_to_api_round_trip_equals_the_api_file(path, object_info):
 @pytest.mark.parametrize("path", [p for p in UI_FILES if rel(p) in mw.example_graphs()], ids=rel)
 def test_examples_sample_both_branches_alike(path, object_info):
     api = load(WORKFLOWS / mw.api_path(rel(path)))
-    samplers = [n for n in api.values() if n["class_type"] == "KSampler"]
+    samplers = [n for n in api.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
     assert len(samplers) == 2
     settings = [{k: v for k, v in s["inputs"].items() if k not in ("model", "positive")} for s in samplers]
     assert settings[0] == settings[1], "source and target must use the same seed, latent, negative and settings"
     saves = sorted(n["inputs"]["filename_prefix"] for n in api.values() if n["class_type"] == "SaveImage")
     assert saves == ["p2p/edited", "p2p/source"]
-    seeds = [n["widgets_values"][:2] for n in load(path)["nodes"] if n["type"] == "KSampler"]
-    assert all(control == "fixed" for _, control in seeds), "the seed must stay fixed between runs"
+    seed_at = {"KSampler": 0, "KSamplerAdvanced": 1}  # KSamplerAdvanced: add_noise, noise_seed, control
+    seeds = [n["widgets_values"][seed_at[n["type"]]:seed_at[n["type"]] + 2] for n in load(path)["nodes"]
+             if n["type"] in seed_at]
+    assert seeds and all(control == "fixed" for _, control in seeds), "the seed must stay fixed between runs"
 
 
 def test_regenerating_gives_the_committed_files(tmp_path, object_info):
@@ -150,6 +156,26 @@ def test_regenerating_gives_the_committed_files(tmp_path, object_info):
         committed = WORKFLOWS / name
         assert committed.exists(), f"workflows/{name} is not committed: run tools/make_workflows.py"
         assert (tmp_path / name).read_text() == committed.read_text(), f"workflows/{name} is stale: rerun the script"
+
+
+@pytest.fixture
+def input_dir(tmp_path, comfy_nodes):
+    """A ComfyUI input folder holding the images the real-image workflows load: ComfyUI's own
+    example.png (SD1.5 workflows) and the demo image (TinySD ones)."""
+    import shutil
+
+    import folder_paths
+
+    before = folder_paths.get_input_directory()
+    folder = tmp_path / "input"
+    folder.mkdir()
+    shutil.copy(pathlib.Path(before) / "example.png", folder / "example.png")
+    shutil.copy(REPO / "demo_model" / "red_circle.png", folder / mw.DEMO_IMAGE)
+    folder_paths.set_input_directory(str(folder))
+    try:
+        yield folder
+    finally:
+        folder_paths.set_input_directory(before)
 
 
 @pytest.fixture
@@ -169,7 +195,7 @@ def sd15_checkpoint_name(tmp_path, comfy_nodes):
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
-def test_comfyui_validates_the_api_graph(path, sd15_checkpoint_name):
+def test_comfyui_validates_the_api_graph(path, sd15_checkpoint_name, input_dir):
     import execution
 
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), load(path), None))
@@ -202,7 +228,7 @@ def output_dir(tmp_path, comfy_nodes):
 
 
 @pytest.mark.parametrize("path", [p for p in API_FILES if p.stem.endswith("_tinysd")], ids=lambda p: p.name)
-def test_demo_graph_executes(path, output_dir):
+def test_demo_graph_executes(path, output_dir, input_dir):
     import execution
 
     server = _Server()

@@ -5,7 +5,9 @@
 Starts ComfyUI headless (tests/server.py), submits one API-format graph per edit (tools/graphs.py:
 source branch with AttentionStore, target branch with the edit node, same seed), and writes
 out/demo/<edit>_source.png, out/demo/<edit>_edited.png and out/demo/demo_grid.png (source row
-above edited row, x2 nearest-neighbour). `--ckpt NAME --size 512` runs the same graphs with
+above edited row, x2 nearest-neighbour). The real-image edits run the committed workflows
+workflows/api/real_*_tinysd.json on demo_model/red_circle.png (a rendered image, not a sample): the
+source row is then the reconstruction of that image by inversion. `--ckpt NAME --size 512` runs the same graphs with
 CheckpointLoaderSimple on a checkpoint of that ComfyUI's models/checkpoints instead.
 """
 from __future__ import annotations
@@ -36,6 +38,21 @@ DEMOS = {
                     {}, {"source_words": "circle", "target_words": "circle"}),
     "fpe": ("fpe", "a red circle", "a blue circle", {}, None),
 }
+# real-image edits: the committed API workflows (LoadImage of demo_model/red_circle.png -> DDIMInvert -> ...)
+REAL_DEMOS = {
+    "real_fpe": ("workflows/api/real_fpe_tinysd.json", "a blue circle (FPE, inverted image)"),
+    "real_p2p_blend": ("workflows/api/real_p2p_local_blend_tinysd.json", "a blue circle (P2P + blend, inverted)"),
+}
+
+
+def real_graph(name: str) -> tuple[dict, str, str]:
+    """(API graph, id of its source SaveImage, id of its edited SaveImage)."""
+    import json
+    graph = json.loads((REPO / REAL_DEMOS[name][0]).read_text())
+    saves = {n["inputs"]["filename_prefix"]: nid for nid, n in graph.items() if n["class_type"] == "SaveImage"}
+    for nid in saves.values():
+        graph[nid]["inputs"]["filename_prefix"] = f"demo/{name}_" + graph[nid]["inputs"]["filename_prefix"][4:]
+    return graph, saves["p2p/source"], saves["p2p/edited"]
 
 
 def grid(rows: list[tuple[str, list]], columns: list[tuple[str, str]], scale: int = 2):
@@ -72,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--only", nargs="+", choices=list(DEMOS), help="run only these edits")
+    ap.add_argument("--only", nargs="+", choices=list(DEMOS) + list(REAL_DEMOS), help="run only these edits")
     ap.add_argument("--ckpt", help="use CheckpointLoaderSimple with this checkpoint instead of TinySD")
     ap.add_argument("--size", type=int, default=128, help="image size in pixels (TinySD: 128)")
     args = ap.parse_args(argv)
@@ -82,7 +99,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loader = graphs.checkpoint_loader(args.ckpt) if args.ckpt else graphs.TINYSD
-    names = args.only or list(DEMOS)
+    names = args.only or list(DEMOS) + ([] if args.ckpt else list(REAL_DEMOS))
     server_mod = comfyui_env.server_module()
     workdir = tempfile.mkdtemp(prefix="attn-edit-demo-")
     server = server_mod.ComfyServer(workdir)
@@ -91,11 +108,18 @@ def main(argv=None) -> int:
     try:
         server.start(timeout=120)
         print(f"  ready in {time.perf_counter() - t0:.1f} s on port {server.port}", flush=True)
-        queued = {}
+        queued, save_ids, titles = {}, {}, {}
+        shutil.copy(REPO / "demo_model" / "red_circle.png", server.workdir / "input" / "attention_edit_red_circle.png")
         for name in names:
-            edit, source, target, inputs, blend = DEMOS[name]
-            g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=args.cfg, size=args.size,
-                                  loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend)
+            if name in REAL_DEMOS:
+                g, *save_ids[name] = real_graph(name)
+                titles[name] = REAL_DEMOS[name][1]
+            else:
+                edit, source, target, inputs, blend = DEMOS[name]
+                g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=args.cfg, size=args.size,
+                                      loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend)
+                save_ids[name] = [graphs.SOURCE_SAVE, graphs.EDITED_SAVE]
+                titles[name] = target + (f" [{inputs['weights']}]" if "weights" in inputs else "")
             queued[name] = server.queue(g)
         results = {}
         for name in names:
@@ -107,7 +131,7 @@ def main(argv=None) -> int:
                 failed.append(name)
                 continue
             pair = []
-            for node, role in ((graphs.SOURCE_SAVE, "source"), (graphs.EDITED_SAVE, "edited")):
+            for node, role in zip(save_ids[name], ("source", "edited")):
                 (ref,) = server.image_refs(entry, node)
                 data = server.image_bytes(ref)
                 path = out / f"{name}_{role}.png"
@@ -115,10 +139,9 @@ def main(argv=None) -> int:
                 pair.append(Image.open(io.BytesIO(data)).convert("RGB"))
                 print(f"  wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
             results[name] = pair
-            print(f"  {name}: {DEMOS[name][1]!r} -> {DEMOS[name][2]!r} ({time.perf_counter() - t:.1f} s)", flush=True)
+            print(f"  {name}: -> {titles[name]!r} ({time.perf_counter() - t:.1f} s)", flush=True)
         if results:
-            cols = [(n, DEMOS[n][2] + (f" [{DEMOS[n][3]['weights']}]" if "weights" in DEMOS[n][3] else ""))
-                    for n in results]
+            cols = [(n, titles[n]) for n in results]
             sheet = grid([("source", [p[0] for p in results.values()]), ("edited", [p[1] for p in results.values()])],
                          cols)
             sheet.save(out / "demo_grid.png")

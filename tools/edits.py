@@ -2,6 +2,7 @@
 (smaller batches): source and target branches through the pack's nodes and ComfyUI's sampler."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,22 +60,61 @@ def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=M
     if "FPE" in methods:
         models["FPE"] = tiny.node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
     out: dict[str, list[dict]] = {}
-    src_cls = [shapes.classify(im) for im in src_imgs]
     for name in methods:
-        if name not in models:
-            continue
-        imgs = tiny.images(tiny.sample(models[name], tgt_pos, seed, batch))
-        rows = []
-        for s_img, s_cls, img in zip(src_imgs, src_cls, imgs):
-            got = shapes.classify(img)
-            ok = got.colour == case.colour and got.shape == case.shape
-            if case.background:
-                ok = ok and got.background == case.background
-            union = s_cls.mask | got.mask
-            rows.append({"success": ok, "iou": shapes.iou(s_cls.mask, got.mask),
-                         "psnr_bg": psnr_outside(s_img, img, union)})
-        out[name] = rows
+        if name in models:
+            imgs = tiny.images(tiny.sample(models[name], tgt_pos, seed, batch))
+            out[name] = [_measure(shapes, case, s_img, img) for s_img, img in zip(src_imgs, imgs)]
     return out
+
+
+def case_images(case: EditCase, seed: int, batch: int) -> np.ndarray:
+    """'Real' images for a case: rendered shapes of the source's colour and shape at random places,
+    sizes and backgrounds (not samples of the model)."""
+    import shapes
+
+    colour, shape = case.source.split()[1:3]
+    rng = np.random.default_rng([seed, 99])
+    specs = [dataclasses.replace(shapes.random_spec(rng), colour=colour, shape=shape) for _ in range(batch)]
+    return np.stack([shapes.render(s) for s in specs])
+
+
+def run_real_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int) -> dict[str, list[dict]]:
+    """The same measures on inverted images: DDIM inversion with the source prompt (P2P) or an empty
+    one (FPE), the source branch reconstructing by direct inversion, the target branch editing."""
+    import shapes
+
+    node, neg = tiny.node, tiny.encode("")
+    latent = tiny.encode_images(case_images(case, seed, batch))
+    tgt_pos = tiny.encode(case.target)
+    targets, sources = {}, {}
+    for method, source_prompt in (("P2P", case.source), ("FPE", "")):
+        noise, inv = node("DDIMInvert").execute(tiny.model, tiny.encode(source_prompt), neg, latent, tiny.steps,
+                                                tiny.scheduler, 1.0).result
+        m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, source_prompt, 1.0, "fpe", 1.0,
+                                                           "model dtype", inversion=inv).result
+        source = tiny.sample_from(m, src_pos, noise, neg)
+        sources[method] = tiny.images(source)
+        if method == "P2P":
+            targets["seed only"] = tiny.sample_from(tiny.model, tgt_pos, noise, neg)
+            edited, _ = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target, 0.8, "", 0.4,
+                                                   "p2p_16").result
+        else:
+            edited = node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
+        targets[method] = tiny.sample_from(edited, tgt_pos, noise, neg)
+    out: dict[str, list[dict]] = {}
+    for method, latent_out in targets.items():
+        src_imgs = sources["FPE" if method == "FPE" else "P2P"]
+        out[method] = [_measure(shapes, case, s_img, img) for s_img, img in zip(src_imgs, tiny.images(latent_out))]
+    return out
+
+
+def _measure(shapes, case: EditCase, s_img: np.ndarray, img: np.ndarray) -> dict:
+    s_cls, got = shapes.classify(s_img), shapes.classify(img)
+    ok = got.colour == case.colour and got.shape == case.shape
+    if case.background:
+        ok = ok and got.background == case.background
+    return {"success": ok, "iou": shapes.iou(s_cls.mask, got.mask),
+            "psnr_bg": psnr_outside(s_img, img, s_cls.mask | got.mask)}
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:

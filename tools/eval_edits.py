@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=25, help="samples (noise seeds) per prompt pair; 2 pairs per kind")
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--reweight-only", action="store_true", help="only the re-weight sweep")
+    ap.add_argument("--real", action="store_true", help="edit inverted rendered images (colour and shape swaps)")
     args = ap.parse_args()
     tiny = inproc.Tiny.load()
     if args.reweight_only:
@@ -28,15 +29,20 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = defaultdict(list)
     t0 = time.time()
     for i, case in enumerate(edits.CASES):
-        for method, rows in edits.run_case(tiny, case, args.seed + i, args.batch).items():
+        if args.real and case.kind == "refine":
+            continue
+        run = edits.run_real_case if args.real else edits.run_case
+        for method, rows in run(tiny, case, args.seed + i, args.batch).items():
             results[(case.kind, method)] += rows
-    print(f"Edits on TinySD: {args.batch} samples x 2 prompt pairs per kind, {tiny.steps} euler steps, cfg {tiny.cfg}, "
+    what = "inverted rendered images (DDIM inversion, direct-inversion source)" if args.real else "samples"
+    print(f"Edits on TinySD, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} euler steps, cfg {tiny.cfg}, "
           f"{time.time() - t0:.0f} s")
     print(f"{'kind':8s} {'method':20s} {'n':>4s} {'success':>8s} {'IoU':>6s} {'bg PSNR':>8s}")
     for (kind, method), rows in results.items():
         s = edits.summarise(rows)
         print(f"{kind:8s} {method:20s} {s['n']:4d} {s['success']:8.2f} {s['iou']:6.2f} {s['psnr_bg']:8.1f}")
-    reweight(tiny)
+    if not args.real:
+        reweight(tiny)
 
 
 def reweight(tiny: inproc.Tiny) -> None:

@@ -73,7 +73,7 @@ def edit_graph(edit: str, source_prompt: str, target_prompt: str, seed: int, *, 
     g = _base(loader, negative, size)
     g["store"] = _node("AttentionStore", model=["loader", 0], clip=["loader", 1], source_prompt=source_prompt,
                        **{"cross_attention_until": 1.0, "self_attention_layers": "all", "self_attention_until": 1.0,
-                          "storage": "model dtype", **(store or {})})
+                          "storage": "model dtype", "correct_target": True, **(store or {})})
     g["source_sampler"] = _sampler(["store", 0], ["store", 1], ["negative", 0], ["latent", 0], seed, steps, cfg,
                                    sampler_name, scheduler)
     _decode_save(g, "source", ["source_sampler", 0], f"{prefix}_source")

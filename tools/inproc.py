@@ -59,6 +59,19 @@ class Tiny:
         return nodes.common_ksampler(model, seed, opts["steps"], opts["cfg"], opts["sampler"], opts["scheduler"],
                                      positive, negative, self.latent(batch), disable_noise=False)[0]
 
+    def sample_from(self, model, positive, latent: dict, negative=None, **kw) -> dict:
+        """KSamplerAdvanced with add_noise disabled: sample from `latent` as it is (inverted noise)."""
+        import nodes
+        negative = negative if negative is not None else self.encode("")
+        opts = dict(steps=self.steps, cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler) | kw
+        return nodes.common_ksampler(model, 0, opts["steps"], opts["cfg"], opts["sampler"], opts["scheduler"],
+                                     positive, negative, latent, disable_noise=True, force_full_denoise=True)[0]
+
+    def encode_images(self, images: np.ndarray) -> dict:
+        """NxHxWx3 images in [0, 1] through the VAE, as VAEEncode does."""
+        with torch.no_grad():
+            return {"samples": self.vae.encode(torch.from_numpy(np.ascontiguousarray(images)).float())}
+
     def images(self, latent: dict) -> np.ndarray:
         with torch.no_grad():
             return self.vae.decode(latent["samples"]).float().cpu().numpy()

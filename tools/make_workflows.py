@@ -141,6 +141,8 @@ def extra_widget_values(name: str, spec: list) -> list:
             return ["fixed"]
     if t == "COMBO" and opts.get("control_after_generate"):
         return ["fixed", ""]  # control value and its filter list
+    if t == "COMBO" and opts.get("image_upload"):
+        return ["image"]  # the upload button the frontend appends (LoadImage has no other widget after it)
     return []
 
 
@@ -420,12 +422,65 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> dict:
     return g.nodes
 
 
+# real images: name -> (edit, sd15 prompts, tinysd prompts); the TinySD image is demo_model/red_circle.png
+DEMO_IMAGE = "attention_edit_red_circle.png"  # its name in ComfyUI's input folder
+REAL_EXAMPLES = {
+    "real_fpe": ("fpe", {"image": "example.png", "source": "", "target": "a photo of a dog"},
+                 {"image": DEMO_IMAGE, "source": "", "target": "a blue circle"}),
+    "real_p2p_local_blend": ("local_blend", {"image": "example.png", "source": "a photo of a cat",
+                                             "target": "a photo of a dog", "source_words": "cat",
+                                             "target_words": "dog"},
+                             {"image": DEMO_IMAGE, "source": "a red circle", "target": "a blue circle",
+                              "source_words": "circle", "target_words": "circle"}),
+}
+
+
+def real_graph(edit: str, prompts: dict, model: dict) -> dict:
+    """API graph of a real-image edit: LoadImage -> VAEEncode -> DDIMInvert (source prompt, cfg 1);
+    the source branch re-anchored to the trajectory (AttentionStore's inversion input) reconstructs
+    the image, the target branch edits; both sample the inverted noise with KSamplerAdvanced and
+    add_noise disabled."""
+    g = _Graph()
+    loader = g.add(model["loader"]["class_type"], **model["loader"]["inputs"])
+    negative = g.add("CLIPTextEncode", "Negative prompt (both branches)", text="", clip=[loader, 1])
+    image = g.add("LoadImage", image=prompts["image"])
+    latent = g.add("VAEEncode", pixels=[image, 0], vae=[loader, 2])
+    source_text = g.add("CLIPTextEncode", "Source prompt (inversion)", text=prompts["source"], clip=[loader, 1])
+    invert = g.add("DDIMInvert", model=[loader, 0], positive=[source_text, 0], negative=[negative, 0],
+                   latent=[latent, 0], steps=model["steps"], scheduler="normal", cfg=1.0)
+    store = g.add("AttentionStore", model=[loader, 0], clip=[loader, 1], source_prompt=prompts["source"],
+                  inversion=[invert, 1])
+    sampling = dict(add_noise="disable", noise_seed=0, steps=model["steps"], cfg=model["cfg"], sampler_name="euler",
+                    scheduler="normal", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+    source = g.add("KSamplerAdvanced", "KSampler (source: reconstruction)", model=[store, 0], positive=[store, 1],
+                   negative=[negative, 0], latent_image=[invert, 0], **sampling)
+    decoded = g.add("VAEDecode", "VAE Decode (source)", samples=[source, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (source)", images=[decoded, 0], filename_prefix="p2p/source")
+    link = dict(model=[loader, 0], store=[store, 2], source_latent=[source, 0])
+    if edit == "fpe":
+        edited_model = [g.add("FPESelfAttnInject", **link), 0]
+        positive = [g.add("CLIPTextEncode", "Target prompt", text=prompts["target"], clip=[loader, 1]), 0]
+    else:
+        edit_id = g.add("P2PReplace", **link, clip=[loader, 1], target_prompt=prompts["target"])
+        positive = [edit_id, 1]
+        edited_model = [g.add("P2PLocalBlend", model=[edit_id, 0], source_words=prompts["source_words"],
+                              target_words=prompts["target_words"]), 0]
+    target = g.add("KSamplerAdvanced", "KSampler (edited)", model=edited_model, positive=positive,
+                   negative=[negative, 0], latent_image=[invert, 0], **sampling)
+    decoded = g.add("VAEDecode", "VAE Decode (edited)", samples=[target, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (edited)", images=[decoded, 0], filename_prefix="p2p/edited")
+    return g.nodes
+
+
 def example_graphs() -> dict[str, dict]:
     """Relative UI path (from workflows/) -> API graph (defaults not yet filled in)."""
     out = {}
     for name, (edit, sd15, tiny) in EXAMPLES.items():
         out[f"{name}_sd15.json"] = edit_graph(edit, sd15, SD15)
         out[f"demo/{name}_tinysd.json"] = edit_graph(edit, tiny, TINYSD)
+    for name, (edit, sd15, tiny) in REAL_EXAMPLES.items():
+        out[f"{name}_sd15.json"] = real_graph(edit, sd15, SD15)
+        out[f"demo/{name}_tinysd.json"] = real_graph(edit, tiny, TINYSD)
     return out
 
 

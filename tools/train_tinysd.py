@@ -67,7 +67,8 @@ def build_unet(seed: int) -> UNetModel:
     return unet
 
 
-def batch(seed: int, step: int, size: int, emb: dict[str, torch.Tensor], offset_noise: float = 0.0):
+def batch(seed: int, step: int, size: int, emb: dict[str, torch.Tensor], offset_noise: float = 0.0,
+          high_t: float = 0.0):
     rng = np.random.default_rng([seed, step])
     specs = [shapes.random_spec(rng) for _ in range(size)]
     x0 = torch.from_numpy(tinysd.encode_images(np.stack([shapes.render(s) for s in specs])))
@@ -75,6 +76,9 @@ def batch(seed: int, step: int, size: int, emb: dict[str, torch.Tensor], offset_
     captions = ["" if rng.random() < 0.1 else c for c in captions]  # for classifier-free guidance
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     t = torch.randint(0, 1000, (size,), generator=g)
+    if high_t:  # colour and shape are decided at t ~ 700-950 (16x16 latents): sample there more often
+        high = torch.rand(size, generator=g) < high_t
+        t = torch.where(high, torch.randint(600, 1000, (size,), generator=g), t)
     noise = torch.randn(x0.shape, generator=g)
     if offset_noise:  # per-image, per-channel constant: the model may not read the colour of the
         # background from the mean of pure noise (SD's schedule leaves 6.8% of the image at t=999)
@@ -131,6 +135,7 @@ def main() -> None:
     ap.add_argument("--state", default=str(REPO / ".train" / "tinysd_state.pt"), help="resume state (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "demo_model" / "tinysd.safetensors"))
     ap.add_argument("--offset-noise", type=float, default=0.0, help="per-channel offset noise (0.1 is usual)")
+    ap.add_argument("--high-t", type=float, default=0.0, help="fraction of samples drawn from t in [600, 1000)")
     ap.add_argument("--init-from", help="start a new run from a TinySD checkpoint's UNet (e.g. the shipped one)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--eval-every", type=int, default=500, help="caption-accuracy check every N steps (0: never)")
@@ -159,7 +164,7 @@ def main() -> None:
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / 200)
             group["lr"] = args.lr * warm * (0.5 + 0.5 * math.cos(math.pi * step / args.steps))
-        xt, t, ctx, noise = batch(args.seed, step, args.batch, emb, args.offset_noise)
+        xt, t, ctx, noise = batch(args.seed, step, args.batch, emb, args.offset_noise, args.high_t)
         loss = torch.nn.functional.mse_loss(unet(xt, t, ctx), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

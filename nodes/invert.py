@@ -1,0 +1,154 @@
+"""Real images: DDIM inversion through ComfyUI's own sampler machinery, and null-text inversion."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..attention.inversion import Trajectory, cfg_step, invert, optimize_null_embedding
+from .common import NodeInputError, current_controller, model_id
+
+InversionType = io.Custom("INVERSION")
+
+
+def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).float().cpu()
+
+
+class DDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DDIMInvert", display_name="DDIM Invert", category="attention_edit",
+            description="Deterministic DDIM inversion of an image's latent to the noise it would be sampled from. "
+                        "Sample the source and target branches from the LATENT with KSamplerAdvanced (add_noise "
+                        "disable, sampler euler or ddim, the same steps and scheduler); connect the inversion to "
+                        "AttentionStore for exact reconstruction (direct inversion).",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's MODEL (not one patched by this pack)."),
+                io.Conditioning.Input("positive", tooltip="The source prompt: P2P needs one that describes the image; "
+                                      "FPE works with an empty prompt."),
+                io.Conditioning.Input("negative", tooltip="Used only when cfg > 1 (an empty prompt)."),
+                io.Latent.Input("latent", tooltip="The image's VAEEncode output."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Use the same steps in both branches."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                               tooltip="Use the same scheduler in both branches."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Guidance while inverting. 1.0 (no guidance) inverts most faithfully."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The noise at the first sigma: sample both branches "
+                                 "from it with add_noise disabled."),
+                InversionType.Output(display_name="inversion", tooltip="The trajectory (latent at every sigma)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, steps, scheduler, cfg) -> io.NodeOutput:
+        if current_controller(model) is not None:
+            raise NodeInputError("DDIMInvert", "model", "this model carries an attention-edit patch: connect the "
+                                 "checkpoint's MODEL (before AttentionStore or an edit node)")
+        sigmas = schedule(model, scheduler, steps)
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        trail: dict[str, torch.Tensor] = {}
+
+        def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            s_in = x.new_ones([x.shape[0]])
+            progress = None if callback is None else (lambda i, xi: callback({"i": i, "denoised": xi, "x": xi}))
+            trail["latents"] = invert(lambda xi, s: model_k(xi, s * s_in, **(extra_args or {})), x, sigmas, progress)
+            return trail["latents"][0]
+
+        with torch.no_grad():  # (the executor runs nodes in inference mode; direct callers may not)
+            out = comfy.sample.sample_custom(
+                model, torch.zeros_like(samples), cfg, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, positive,
+                negative, samples, callback=latent_preview.prepare_callback(model, steps),
+                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+        trajectory = Trajectory(sigmas, trail["latents"].float().cpu(), out.float().cpu(), model_id(model))
+        return io.NodeOutput({**latent, "samples": out}, trajectory)
+
+
+def percent_for_sigma(model_sampling, sigma: float) -> float:
+    """The sampling percent whose sigma is `sigma` (bisection on ComfyUI's own percent_to_sigma)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if model_sampling.percent_to_sigma(mid) > sigma else (lo, mid)
+    return (lo + hi) / 2
+
+
+def per_step_conditioning(model_sampling, sigmas: torch.Tensor, embeddings: list[torch.Tensor], extra: dict) -> list:
+    """One CONDITIONING entry per step, each active only around its step's sigma."""
+    n = len(embeddings)
+    bounds = [0.0] + [percent_for_sigma(model_sampling, float((sigmas[k] * sigmas[k + 1]).sqrt()) if sigmas[k + 1] > 0
+                                        else float(sigmas[k]) / 2) for k in range(n - 1)] + [1.0]
+    return [[emb, {**extra, "start_percent": bounds[k], "end_percent": bounds[k + 1]}] for k, emb in enumerate(embeddings)]
+
+
+class NullTextInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NullTextInversion", display_name="Null-Text Inversion", category="attention_edit",
+            description="Optimises the unconditional (negative) embedding at every step so that guided sampling "
+                        "from the inverted noise retraces the inversion (Mokady et al.). Use the output as the "
+                        "negative of both branches, with the same cfg, steps and scheduler, sampler euler/ddim.",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's MODEL, as given to DDIMInvert."),
+                InversionType.Input("inversion"),
+                io.Conditioning.Input("positive", tooltip="The source prompt, as given to DDIMInvert."),
+                io.Conditioning.Input("negative", tooltip="The starting unconditional embedding (an empty prompt)."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="The guidance the branches will be sampled with."),
+                io.Int.Input("inner_steps", default=10, min=1, max=100, tooltip="Adam iterations per step at most."),
+                io.Float.Input("learning_rate", default=0.01, min=0.0001, max=1.0, step=0.001),
+                io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6,
+                               tooltip="Stop a step's optimisation once the latent error (MSE) is below this "
+                                       "(plus 2e-5 per step, as in the paper)."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="negative", tooltip="Per-step unconditional embeddings.")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, positive, negative, cfg, inner_steps, learning_rate, early_stop) -> io.NodeOutput:
+        if not isinstance(inversion, Trajectory):
+            raise NodeInputError("NullTextInversion", "inversion", "expects the inversion output of DDIMInvert")
+        if inversion.model_id != model_id(model):
+            raise NodeInputError("NullTextInversion", "model", "the inversion was made with another model: "
+                                 "connect the MODEL that DDIMInvert used")
+        comfy.model_management.load_models_gpu([model])
+        dm, device = model.model, model.load_device
+        sigmas, n = inversion.sigmas, inversion.num_steps
+        z = inversion.latents[0].to(device)
+        options = model.model_options.get("transformer_options", {})
+
+        def denoise(x, sigma, entry, emb):
+            extra = {k: v for k, v in entry[1].items() if k not in ("cross_attn", "device", "noise")}
+            conds = dm.extra_conds(cross_attn=emb, device=device, noise=x, width=x.shape[-1] * 8,
+                                   height=x.shape[-2] * 8, **extra)
+            kwargs = {k: c.process_cond(batch_size=x.shape[0], device=device).cond for k, c in conds.items()}
+            return dm.apply_model(x, torch.full((x.shape[0],), sigma, device=device), transformer_options=options, **kwargs)
+
+        emb = negative[0][0].to(device)
+        cond_emb = positive[0][0].to(device)
+        embeddings, pbar = [], comfy.utils.ProgressBar(n)
+        with torch.inference_mode(False), torch.enable_grad():
+            z, emb, cond_emb = z.clone(), emb.clone(), cond_emb.clone()
+            for k in range(n):
+                s, s_next = float(sigmas[k]), float(sigmas[k + 1])
+                with torch.no_grad():
+                    cond_d = denoise(z, s, positive[0], cond_emb)
+                step = lambda e: cfg_step(z, s, s_next, cond_d, denoise(z, s, negative[0], e), cfg)  # noqa: E731
+                target = inversion.latents[k + 1].to(device)
+                emb, _ = optimize_null_embedding(step, emb, target, inner_steps, learning_rate * (1 - 0.5 * k / n),
+                                                 early_stop + 2e-5 * k, comfy.model_management.throw_exception_if_processing_interrupted)
+                with torch.no_grad():
+                    z = step(emb)
+                embeddings.append(emb.detach().cpu())
+                pbar.update(1)
+        extra = {k: v for k, v in negative[0][1].items() if k not in ("start_percent", "end_percent")}
+        return io.NodeOutput(per_step_conditioning(dm.model_sampling, sigmas, embeddings, extra))

@@ -1,0 +1,149 @@
+"""What an edit costs, in one process and one run, side by side with one plain generation:
+
+- plain generation (KSampler);
+- P2P replace edit: source branch (AttentionStore keeping what P2PReplace's defaults need) + target;
+- FPE edit: source branch (AttentionStore keeping self-attention of the fpe layers only) + target;
+- real-image edit: DDIMInvert + source branch re-anchored to it (direct inversion) + FPE target;
+- DDIM inversion alone and null-text inversion alone (10 inner steps at most);
+and the memory: the attention store after the source branch (it only grows while the source runs,
+so that is its peak), what storing every probability map of the same layers and steps would take,
+and the process's peak RSS.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py                         # TinySD, 128 px, 20 steps
+    OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model sd15 --size 512 --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+import inproc
+
+
+class Bench:
+    def __init__(self, kind: str, size: int, steps: int, cfg: float):
+        inproc.node_classes()  # sets up ComfyUI (sys.path) and loads the pack
+        import nodes
+        self.nodes = nodes
+        if kind == "tinysd":
+            tiny = inproc.Tiny.load()
+            self.model, self.clip = tiny.model, tiny.clip
+        else:
+            import random_models
+            self.model, self.clip = random_models.build(kind)
+        self.kind, self.size, self.steps, self.cfg = kind, size, steps, cfg
+        self.node = inproc.node_classes()
+        self.negative = self.encode("")
+
+    def encode(self, text: str):
+        return self.nodes.CLIPTextEncode().encode(self.clip, text)[0]
+
+    def latent(self) -> dict:
+        return self.nodes.EmptyLatentImage().generate(self.size, self.size, 1)[0]
+
+    def sample(self, model, positive, latent=None, negative=None, add_noise=True) -> dict:
+        return self.nodes.common_ksampler(model, 1, self.steps, self.cfg, "euler", "normal", positive,
+                                          negative or self.negative, latent or self.latent(),
+                                          disable_noise=not add_noise, force_full_denoise=True)[0]
+
+    def store(self, prompt: str, self_layers: str, self_until: float, cross_until: float, inversion=None):
+        return self.node["AttentionStore"].execute(self.model, self.clip, prompt, cross_until, self_layers,
+                                                   self_until, "model dtype", True, inversion).result
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def attention_heads(model) -> int:
+    return next(m.heads for m in model.model.diffusion_model.modules() if hasattr(m, "heads"))
+
+
+def map_bytes(store, heads: int, element_size: int = 4) -> int:
+    """Bytes that every probability map of the recorded layers and steps would take (fp32):
+    self-attention B x heads x N x N per kept (layer, step, cond/uncond), cross-attention
+    B x heads x N x 77 per kept (layer, step)."""
+    total = sum(q.shape[0] * heads * q.shape[1] ** 2 for q, _ in store.self_qk.values())
+    total += sum(q.shape[0] * heads * q.shape[1] * 77 for q in store.cross_q.values())
+    return total * element_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["tinysd", "sd15"], default="tinysd")
+    ap.add_argument("--size", type=int, default=None, help="image size in px (TinySD 128; sd15 e.g. 256, 512)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each measurement (the mean is reported)")
+    args = ap.parse_args()
+    size = args.size or (128 if args.model == "tinysd" else 512)
+    b = Bench(args.model, size, args.steps, args.cfg)
+    src_prompt, tgt_prompt = ("a red circle", "a blue circle") if args.model == "tinysd" else \
+        ("a cat riding a bicycle", "a cat riding a car")
+    pos, tgt = b.encode(src_prompt), b.encode(tgt_prompt)
+    b.sample(b.model, pos)  # warm-up (loading, first-call allocations)
+
+    times: dict[str, list[float]] = {}
+    stores = {}
+    for _ in range(args.repeat):
+        _, t = timed(lambda: b.sample(b.model, pos))
+        times.setdefault("plain generation", []).append(t)
+
+        def p2p():
+            m, spos, st = b.store(src_prompt, "p2p_16", 0.4, 0.8)
+            src = b.sample(m, spos)
+            em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, 0.8, "", 0.4, "p2p_16").result
+            b.sample(em, epos)
+            return st
+        stores["P2P replace"], t = timed(p2p)
+        times.setdefault("P2P replace edit (source + target)", []).append(t)
+
+        def fpe():
+            m, spos, st = b.store(src_prompt, "fpe", 1.0, 0.0)
+            src = b.sample(m, spos)
+            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, "fpe", 1.0).result[0], tgt)
+            return st
+        stores["FPE"], t = timed(fpe)
+        times.setdefault("FPE edit (source + target)", []).append(t)
+
+        image = b.sample(b.model, pos)
+
+        def real():
+            noise, inv = b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal", 1.0).result
+            m, spos, st = b.store("", "fpe", 1.0, 0.0, inv)
+            src = b.sample(m, spos, noise, add_noise=False)
+            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, "fpe", 1.0).result[0], tgt, noise,
+                     add_noise=False)
+            return inv
+        inv, t = timed(real)
+        times.setdefault("real-image FPE edit (inversion + source + target)", []).append(t)
+        _, t = timed(lambda: b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal",
+                                                          1.0).result)
+        times.setdefault("DDIM inversion", []).append(t)
+        _, t = timed(lambda: b.node["NullTextInversion"].execute(b.model, inv, pos, b.negative, args.cfg, 10, 0.1,
+                                                                 1e-5).result)
+        times.setdefault("null-text inversion (10 inner steps)", []).append(t)
+
+    mean = {k: sum(v) / len(v) for k, v in times.items()}
+    plain = mean["plain generation"]
+    dev = str(torch.device(b.model.load_device))
+    print(f"benchmark: {args.model}, {size}x{size} px, {args.steps} euler steps, cfg {args.cfg}, {dev}, "
+          f"torch threads {torch.get_num_threads()}, mean of {args.repeat} runs")
+    for k, v in mean.items():
+        print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain")
+    print(f"  {'null-text / DDIM inversion':52s} {mean['null-text inversion (10 inner steps)'] / mean['DDIM inversion']:8.2f}x")
+    for name, st in stores.items():
+        kept, maps = st.nbytes(), map_bytes(st, attention_heads(b.model))
+        print(f"  store after the source branch, {name:12s}: {kept / 2**20:9.1f} MiB; every probability map of the "
+              f"same layers/steps (fp32): {maps / 2**20:9.1f} MiB ({100 * kept / max(maps, 1):.1f}%)")
+    print(f"  inversion trajectory: {inv.latents.numel() * inv.latents.element_size() / 2**20:.2f} MiB")
+    print(f"  process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
