@@ -126,11 +126,12 @@ class Recorder(Shared):
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
                     kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
                     rec.cross_k.setdefault(key, rec.keep(k[rows]))
+                if key not in rec.layer_hw:
+                    rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
                 if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
                     rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(q[rows])
                     if key not in rec.map_k:
                         rec.map_k[key] = rec.cross_k[key] if key in rec.cross_k else rec.keep(k[rows])
-                        rec.map_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
         return out
 
     def post_cfg(self, args):

@@ -82,23 +82,25 @@ def cfg_step(x: torch.Tensor, sigma: float, sigma_next: float, cond_denoised: to
 
 def optimize_null_embedding(step: Callable[[torch.Tensor], torch.Tensor], embedding: torch.Tensor,
                             target: torch.Tensor, inner_steps: int, lr: float, tolerance: float,
-                            check: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
+                            check: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Null-text inversion's inner loop (Mokady et al.): Adam on the unconditional embedding so
-    that the guided step `step(embedding)` lands on the inversion's next latent. Stops early once
-    the mean squared error is below `tolerance`. Returns (embedding, iterations used)."""
+    that the guided step `step(embedding)` lands on the inversion's next latent. At most
+    `inner_steps` evaluations of `step`; the last one (or the first below `tolerance`, mean squared
+    error) is not followed by an update, so its output is the step taken: no extra evaluation.
+    Returns (embedding, its step output, evaluations used)."""
     emb = embedding.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([emb], lr=lr)
-    used = 0
     for used in range(1, inner_steps + 1):
         if check is not None:
             check()
-        loss = torch.nn.functional.mse_loss(step(emb), target)
+        out = step(emb)
+        loss = torch.nn.functional.mse_loss(out, target)
+        if used == inner_steps or loss.item() < tolerance:
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if loss.item() < tolerance:
-            break
-    return emb.detach(), used
+    return emb.detach(), out.detach(), used
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:

@@ -9,7 +9,9 @@ Presets:
 - "all"        every attention layer.
 - "fpe"        Free-Prompt-Editing's "layers 4-14": `index` 4..14, counted from 0 in forward order
                (SD1.5: input 7,8, middle, output 3..10: the 16²/8² core plus the decoder's 32² and
-               two of its 64² layers). The paper leaves the indexing open; this is ours.
+               two of its 64² layers). The paper leaves the indexing open; this is ours. On a UNet
+               with n attention layers the same band is index ceil(4n/16)..floor(14n/16) (SDXL's
+               70 layers: 18..61), so it stays the middle of the network.
 - "p2p_16"     P2P's self-attention rule "resolution <= 16²" at 512 px: level >= 2.
 - "p2p_32"     "resolution <= 32²": level >= 1.
 - "none"       no layer.
@@ -73,7 +75,8 @@ def select_layers(layers: list[AttentionLayer], preset: str) -> list[AttentionLa
     if preset == "none":
         return []
     if preset == "fpe":
-        return [l for l in layers if 4 <= l.index <= 14]
+        n = len(layers)
+        return [l for l in layers if -(-4 * n // 16) <= l.index <= 14 * n // 16]
     if preset == "p2p_16":
         return [l for l in layers if l.level >= 2]
     if preset == "p2p_32":

@@ -59,7 +59,7 @@ class SourceRecord:
     self_qk: dict = field(default_factory=dict)  # (layer key, sigma key, cond_or_uncond) -> (q, k)
     map_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond queries of the map-level layers
     map_k: dict = field(default_factory=dict)  # layer key -> cond keys of a map-level layer
-    map_hw: dict = field(default_factory=dict)  # layer key -> (heads, (h, w))
+    layer_hw: dict = field(default_factory=dict)  # layer key -> (heads, (h, w)) of every layer seen
     denoised: dict = field(default_factory=dict)  # sigma key -> (B, C, H, W)
     inversion: Trajectory | None = None  # a real image's trajectory: the source is re-anchored to it
     correct_target: bool = True  # direct inversion: the target gets the source's corrections too
@@ -68,7 +68,7 @@ class SourceRecord:
 
     def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
         """A new source run: forget the last one."""
-        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self.map_hw, self._maps,
+        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self.layer_hw, self._maps,
                   self.denoised, self.corrections):
             d.clear()
         self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
@@ -104,7 +104,7 @@ class SourceRecord:
         for (key, sk), q in self.map_q.items():
             if (key, sk) in self._maps:
                 continue
-            heads, hw = self.map_hw[key]
+            heads, hw = self.layer_hw[key]
             self._maps[(key, sk)] = token_maps(q, self.map_k[key], heads, hw, self.prompt.end + 1)
         out: dict[str, torch.Tensor] = {}
         for (key, sk), m in self._maps.items():
@@ -113,6 +113,25 @@ class SourceRecord:
 
     def cumulative_maps(self, step: int) -> torch.Tensor | None:
         return cumulative_maps(self.maps, self.sample_sigmas, step)
+
+    def word_heatmap(self, positions: list[int], layers: set, steps: StepRange) -> torch.Tensor | None:
+        """The words' cross-attention (summed over their tokens, averaged over heads, the chosen layers
+        and steps), upsampled to the latent: (B, H, W). None if nothing kept matches."""
+        from .inject import token_maps
+        from .schedule import step_index
+        size = tuple(self.latent_shape[-2:])
+        kept = {**self.map_q, **self.cross_q}
+        total, count = None, 0
+        for (key, sk), q in kept.items():
+            step = step_index(float(sk.partition("#")[0]), self.sample_sigmas)
+            if key not in layers or not steps.active(step, self.num_steps):
+                continue
+            heads, hw = self.layer_hw[key]
+            k = self.cross_k.get(key, self.map_k.get(key))
+            m = token_maps(q, k, heads, hw, max(positions) + 1)[:, positions].sum(1, keepdim=True)
+            m = torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+            total, count = (m if total is None else total + m), count + 1
+        return None if total is None else total / count
 
 
 def cumulative_maps(maps: dict[str, torch.Tensor], sample_sigmas: torch.Tensor, step: int) -> torch.Tensor | None:

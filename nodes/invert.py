@@ -104,7 +104,9 @@ class NullTextInversion(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The starting unconditional embedding (an empty prompt)."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="The guidance the branches will be sampled with."),
-                io.Int.Input("inner_steps", default=10, min=1, max=100, tooltip="Adam iterations per step at most."),
+                io.Int.Input("inner_steps", default=10, min=1, max=100,
+                             tooltip="Model evaluations per step at most (each but the last is followed by an Adam "
+                                     "update); 1 = plain DDIM with this negative."),
                 io.Float.Input("learning_rate", default=0.01, min=0.0001, max=1.0, step=0.001),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6,
                                tooltip="Stop a step's optimisation once the latent error (MSE) is below this "
@@ -144,10 +146,9 @@ class NullTextInversion(io.ComfyNode):
                     cond_d = denoise(z, s, positive[0], cond_emb)
                 step = lambda e: cfg_step(z, s, s_next, cond_d, denoise(z, s, negative[0], e), cfg)  # noqa: E731
                 target = inversion.latents[k + 1].to(device)
-                emb, _ = optimize_null_embedding(step, emb, target, inner_steps, learning_rate * (1 - 0.5 * k / n),
-                                                 early_stop + 2e-5 * k, comfy.model_management.throw_exception_if_processing_interrupted)
-                with torch.no_grad():
-                    z = step(emb)
+                emb, z, _ = optimize_null_embedding(step, emb, target, inner_steps, learning_rate * (1 - 0.5 * k / n),
+                                                    early_stop + 2e-5 * k,
+                                                    comfy.model_management.throw_exception_if_processing_interrupted)
                 embeddings.append(emb.detach().cpu())
                 pbar.update(1)
         extra = {k: v for k, v in negative[0][1].items() if k not in ("start_percent", "end_percent")}

@@ -66,11 +66,18 @@ def test_cfg_step_guides_like_comfyui():
 def test_null_embedding_optimisation_reaches_the_target_and_stops_early():
     w = torch.tensor([[2.0, 0.0], [0.0, -1.0]])
     target = torch.tensor([1.0, 3.0])
-    emb, used = optimize_null_embedding(lambda e: w @ e, torch.zeros(2), target, 500, 0.05, 1e-6)
+    calls = []
+
+    def step(e):
+        calls.append(1)
+        return w @ e
+
+    emb, out, used = optimize_null_embedding(step, torch.zeros(2), target, 500, 0.05, 1e-6)
     torch.testing.assert_close(w @ emb, target, atol=2e-3, rtol=0)
-    assert used < 500
-    _, used_once = optimize_null_embedding(lambda e: w @ e, torch.zeros(2), target, 1, 0.05, 1e-6)
-    assert used_once == 1
+    assert torch.equal(out, w @ emb)  # the output returned is that of the embedding returned
+    assert used < 500 and len(calls) == used  # and no evaluation beyond those used
+    emb1, _, used_once = optimize_null_embedding(step, torch.zeros(2), target, 1, 0.05, 1e-6)
+    assert used_once == 1 and torch.equal(emb1, torch.zeros(2))  # one evaluation: no update
 
 
 def test_trajectory_index_by_sigma():
