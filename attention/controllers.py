@@ -91,6 +91,31 @@ class LayerPatch(Shared):
         return attention(q, k, v, extra["n_heads"])
 
 
+@dataclass
+class BlockPatch(Shared):
+    """The replace patch of a whole block, ComfyUI key (block, id): dispatches on the transformer
+    index (extra_options["block_index"]) to the layers' patches, and to `previous` (or plain
+    attention) for the others. Registering per block rather than per layer lets a node that
+    overrides the block at sampling time (ComfyUI's PAG does, under this key) take precedence,
+    as it would over an unpatched model."""
+    layers: dict[int, LayerPatch]
+    previous: object = None
+
+    def __call__(self, q, k, v, extra):
+        patch = self.layers.get(int(extra.get("block_index", 0)))
+        if patch is not None:
+            return patch(q, k, v, extra)
+        if self.previous is not None:
+            return self.previous(q, k, v, extra)
+        return comfy_attention(q, k, v, extra)
+
+
+def comfy_attention(q, k, v, extra):
+    """Plain attention for a block's layer that no patch handles (imports ComfyUI lazily)."""
+    import comfy.ldm.modules.attention as attention
+    return attention.optimized_attention(q, k, v, extra["n_heads"])
+
+
 class Recorder(Shared):
     """Source branch: attention runs as usual and what the record's spec asks for is kept."""
 

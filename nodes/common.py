@@ -5,7 +5,7 @@ import torch
 
 import comfy.ldm.modules.attention
 
-from ..attention.controllers import Editor, LayerPatch, Recorder
+from ..attention.controllers import BlockPatch, Editor, LayerPatch, Recorder
 from ..attention.layers import AttentionLayer, unet_attention_layers
 from ..attention.record import SourceRecord
 from ..attention.tokens import Prompt, PromptError, parse_prompt
@@ -58,18 +58,38 @@ def model_id(model) -> str:
     return f"{type(model.model).__name__}@{id(model.model):x}"
 
 
-def existing_patch(model, kind: str, key) -> object:
-    """A replace patch another node put on this layer (ours are unwrapped to what they chained)."""
-    patch = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {}).get(key)
-    return patch.previous if isinstance(patch, LayerPatch) else patch
+def _ours(patch) -> bool:
+    return isinstance(patch, (LayerPatch, BlockPatch))
+
+
+def _foreign(patch):
+    """What another node put there, with this pack's earlier patch unwrapped."""
+    return patch.previous if _ours(patch) else patch
 
 
 def install(model, controller: Recorder | Editor, patched: dict[str, list[AttentionLayer]]) -> None:
-    """Put the controller's patches on `model` (a clone), replacing this pack's earlier ones."""
+    """Put the controller's patches on `model` (a clone), replacing this pack's earlier ones.
+
+    Per block, under ComfyUI's key (block, id), dispatching on the transformer index: another
+    pack's per-block patch is chained (it runs wherever we do not inject), and so is its per-layer
+    patch, ours then going under the same per-layer key (ComfyUI looks those up first)."""
+    table = model.model_options.get("transformer_options", {}).get("patches_replace", {})
     for kind, layers in patched.items():
+        existing = table.get(kind, {})
+        blocks: dict[tuple[str, int], list[AttentionLayer]] = {}
         for layer in layers:
-            previous = existing_patch(model, kind, layer.key)
-            model.set_model_patch_replace(LayerPatch(controller, kind, layer, previous), kind, *layer.key)
+            blocks.setdefault(layer.key[:2], []).append(layer)
+        for block, members in blocks.items():
+            previous = _foreign(existing.get(block))
+            per_block = {}
+            for layer in members:
+                own = _foreign(existing.get(layer.key))
+                if own is not None:  # another pack patched this very layer: wrap it at its key
+                    model.set_model_patch_replace(LayerPatch(controller, kind, layer, own), kind, *layer.key)
+                else:
+                    per_block[layer.transformer_index] = LayerPatch(controller, kind, layer, previous)
+            if per_block:
+                model.set_model_patch_replace(BlockPatch(per_block, previous), kind, *block)
     model.remove_wrappers_with_key("outer_sample", EDIT_KEY)
     model.add_wrapper_with_key("outer_sample", EDIT_KEY, controller.outer_sample)
     post = [f for f in model.model_options.get("sampler_post_cfg_function", [])

@@ -46,7 +46,10 @@ def test_sdxl_layers_keys_and_presets(sdxl, comfy_nodes):
                          ("output", 0): 10, ("output", 1): 10, ("output", 2): 10, ("output", 3): 2,
                          ("output", 4): 2, ("output", 5): 2}
     patched = store_model.model_options["transformer_options"]["patches_replace"]
-    assert set(patched["attn1"]) == set(patched["attn2"]) == {l.key for l in layers}
+    # one patch per block (ComfyUI's key (block, id)), dispatching to each transformer index
+    dispatched = {(*block, idx): p.layer.key for block, bp in patched["attn1"].items() for idx, p in bp.layers.items()}
+    assert set(patched["attn1"]) == set(patched["attn2"]) == set(per_block)
+    assert dispatched == {l.key: l.key for l in layers}
     assert {l.level for l in layers} == {1, 2}  # SDXL has no attention at the full latent resolution
 
 
