@@ -228,3 +228,18 @@ class ComfyServer:
     def interrupt(self) -> None:
         """POST /interrupt: stop the graph that is running."""
         self._request("/interrupt", {})
+
+    def free(self) -> None:
+        """POST /free: the server drops its output caches (and unloads models) before the next prompt."""
+        self._request("/free", {"unload_models": True, "free_memory": True})
+
+    def running(self) -> list[str]:
+        """Ids of the prompts the server is executing now (GET /queue)."""
+        return [item[1] for item in self._json("/queue").get("queue_running", [])]
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory (Linux /proc)."""
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise ServerError("no VmRSS in /proc status")
