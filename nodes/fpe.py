@@ -19,7 +19,7 @@ class FPESelfAttnInject(io.ComfyNode):
                         "source's self-attention maps (layers 4-14, all steps). Cross-attention stays the target's "
                         "own, so any target prompt works; for real images the source prompt may be empty.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The same MODEL as AttentionStore's input (not its output)."),
                 AttentionStoreType.Input("store", tooltip="The AttentionStore of the source branch (its "
                                          "self_attention_layers must include these layers)."),
                 io.Latent.Input("source_latent", tooltip="The source sampler's output (orders the branches)."),

@@ -99,7 +99,7 @@ class NullTextInversion(io.ComfyNode):
                         "negative of both branches, with the same cfg, steps and scheduler, sampler euler/ddim.",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL, as given to DDIMInvert."),
-                InversionType.Input("inversion"),
+                InversionType.Input("inversion", tooltip="DDIMInvert's inversion output."),
                 io.Conditioning.Input("positive", tooltip="The source prompt, as given to DDIMInvert."),
                 io.Conditioning.Input("negative", tooltip="The starting unconditional embedding (an empty prompt)."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
@@ -107,7 +107,9 @@ class NullTextInversion(io.ComfyNode):
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Model evaluations per step at most (each but the last is followed by an Adam "
                                      "update); 1 = plain DDIM with this negative."),
-                io.Float.Input("learning_rate", default=0.01, min=0.0001, max=1.0, step=0.001),
+                io.Float.Input("learning_rate", default=0.01, min=0.0001, max=1.0, step=0.001,
+                               tooltip="Adam's step size (halved linearly over the steps). 0.01 is the paper's "
+                                       "for SD; small models may need more."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6,
                                tooltip="Stop a step's optimisation once the latent error (MSE) is below this "
                                        "(plus 2e-5 per step, as in the paper)."),

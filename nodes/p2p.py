@@ -18,13 +18,23 @@ from .store import AttentionStoreType
 
 def target_inputs(default_prompt: str) -> list:
     return [
-        io.Model.Input("model"),
-        io.Clip.Input("clip"),
+        io.Model.Input("model", tooltip="The same MODEL as AttentionStore's input (not its output), or the "
+                                        "output of another edit node of the same store to combine edits."),
+        io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the target prompt and aligns its words."),
         AttentionStoreType.Input("store", tooltip="The AttentionStore of the source branch."),
         io.Latent.Input("source_latent", tooltip="The source sampler's output: it orders the branches "
                                                  "(the target runs after the source) and is checked against the store."),
-        io.String.Input("target_prompt", multiline=True, default=default_prompt),
+        io.String.Input("target_prompt", multiline=True, default=default_prompt,
+                        tooltip="The edited prompt. Its CONDITIONING is this node's second output: use it as the "
+                                "target sampler's positive."),
     ]
+
+
+def target_outputs() -> list:
+    return [io.Model.Output(display_name="MODEL", tooltip="Sample the target branch with this model (same seed, "
+                                                          "steps, sampler and size as the source)."),
+            io.Conditioning.Output(display_name="target_positive", tooltip="The target prompt's conditioning: the "
+                                                                           "target sampler's positive.")]
 
 
 def schedule_inputs(cross=0.8, self_=0.4) -> list:
@@ -117,7 +127,7 @@ class P2PReplace(_P2PEdit):
             description="Prompt-to-Prompt word swap: the target takes the source's cross-attention maps for the "
                         "first τ of the steps. Source and target prompts need the same number of words.",
             inputs=target_inputs("a blue circle") + schedule_inputs(),
-            outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="target_positive")],
+            outputs=target_outputs(),
         )
 
 
@@ -132,7 +142,7 @@ class P2PRefine(_P2PEdit):
             description="Prompt-to-Prompt refinement: tokens shared with the source (global alignment) take the "
                         "source's maps; added words keep their own.",
             inputs=target_inputs("a red circle on a black background") + schedule_inputs(),
-            outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="target_positive")],
+            outputs=target_outputs(),
         )
 
 
@@ -161,7 +171,7 @@ class P2PReweight(io.ComfyNode):
                 io.Float.Input("cross_attention_until", default=0.8, min=0.0, max=1.0, step=0.05,
                                tooltip="Used when no earlier edit set τ."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="target_positive")],
+            outputs=target_outputs(),
         )
 
     @classmethod
@@ -202,7 +212,7 @@ class P2PLocalBlend(io.ComfyNode):
                                tooltip="Blend from this fraction of the steps on (P2P: 0.2)."),
                 io.String.Input("subtract_words", default="", tooltip="Target words whose region must stay the source."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="Sample the target branch with this model.")],
         )
 
     @classmethod

@@ -28,7 +28,7 @@ class AttentionMapPreview(io.ComfyNode):
                         "over the chosen layers and steps, as an overlay on the image and as a MASK (the words' "
                         "region, e.g. for inpainting or to check a local blend).",
             inputs=[
-                AttentionStoreType.Input("store"),
+                AttentionStoreType.Input("store", tooltip="The AttentionStore of the source branch."),
                 io.Latent.Input("source_latent", tooltip="The source sampler's output (orders this after the run)."),
                 io.Image.Input("image", tooltip="The decoded source image (VAEDecode of source_latent)."),
                 io.String.Input("words", default="circle", tooltip="Word(s) of the source prompt, space-separated."),
@@ -40,8 +40,9 @@ class AttentionMapPreview(io.ComfyNode):
                 io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.05,
                                tooltip="The mask is where the normalised map exceeds this."),
             ],
-            outputs=[io.Image.Output(display_name="overlay"), io.Mask.Output(display_name="mask"),
-                     io.Image.Output(display_name="heatmap")],
+            outputs=[io.Image.Output(display_name="overlay", tooltip="The map over the image."),
+                     io.Mask.Output(display_name="mask", tooltip="Where the normalised map exceeds the threshold."),
+                     io.Image.Output(display_name="heatmap", tooltip="The map alone, in colour.")],
         )
 
     @classmethod

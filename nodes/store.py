@@ -25,8 +25,9 @@ class AttentionStore(io.ComfyNode):
             description="Records the source branch's attention while an ordinary sampler samples it. "
                         "Sample the source with this MODEL and CONDITIONING; the edit nodes read the store.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip="The checkpoint's MODEL (after any LoRA); the target branch uses the "
+                                                "same one."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP: encodes the source prompt and finds its words."),
                 io.String.Input("source_prompt", multiline=True, default="a red circle",
                                 tooltip="The source prompt. For a real image it describes the image (P2P); "
                                         "FPE also works with an empty prompt."),
@@ -50,8 +51,9 @@ class AttentionStore(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Sample the source branch with this model."),
-                io.Conditioning.Output(display_name="source_positive"),
-                AttentionStoreType.Output(display_name="store"),
+                io.Conditioning.Output(display_name="source_positive", tooltip="The source prompt's conditioning: the "
+                                                                               "source sampler's positive."),
+                AttentionStoreType.Output(display_name="store", tooltip="Connect to the edit nodes of the target branch."),
             ],
         )
 

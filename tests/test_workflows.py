@@ -291,3 +291,20 @@ def test_converter_matches_the_frontends_own_default_workflow(object_info):
             assert all(mine["widgets_values"][i] in mw.CONTROL_VALUES for i in controls)
     mine_links = {tuple(l[1:]) for l in mw.api_to_ui(api, object_info)["links"]}
     assert mine_links == {tuple(l[1:]) for l in ref["links"]}
+
+
+def test_every_input_and_output_of_the_pack_has_a_tooltip(object_info):
+    import node_reference
+    nodes = node_reference.pack_nodes(object_info)
+    assert len(nodes) == 9
+    for name, node in nodes.items():
+        for inp, spec, _ in mw.ordered_inputs(node):
+            assert mw.input_options(spec).get("tooltip"), f"{name}: input '{inp}' has no tooltip"
+        assert all(node.get("output_tooltips") or [None]), f"{name}: an output has no tooltip"
+        assert node.get("description"), name
+
+
+def test_the_node_reference_is_up_to_date(object_info):
+    import node_reference
+    assert node_reference.OUT.read_text() == node_reference.render(object_info), \
+        "docs/nodes.md is stale: run tools/node_reference.py"

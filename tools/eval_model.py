@@ -23,9 +23,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds per caption (48 captions)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--ckpt", help="a TinySD checkpoint other than the shipped one (e.g. one being trained)")
     args = ap.parse_args()
     tiny = inproc.Tiny.load(steps=args.steps, cfg=args.cfg)
     import shapes
+    if args.ckpt:
+        import tinysd
+        tiny = inproc.Tiny(*tinysd.load_checkpoint(args.ckpt), steps=args.steps, cfg=args.cfg)
 
     captions = []
     for colour, shape in itertools.product(shapes.COLOURS, shapes.SHAPES):
