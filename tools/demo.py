@@ -45,6 +45,25 @@ REAL_DEMOS = {
 }
 
 
+MAP_WORDS = ("red", "circle")
+
+
+def attention_map_graph(seed: int, steps: int, cfg: float, size: int, loader: dict) -> dict:
+    """The replace demo's source branch plus AttentionMapPreview of each of MAP_WORDS (overlay and mask)."""
+    g = graphs.edit_graph("replace", "a red circle on a gray background", "a blue circle on a gray background",
+                          seed, steps=steps, cfg=cfg, size=size, loader=loader, prefix="demo/maps")
+    for word in MAP_WORDS:
+        g[f"map_{word}"] = {"class_type": "AttentionMapPreview", "inputs": {
+            "store": ["store", 2], "source_latent": ["source_sampler", 0], "image": ["source_decode", 0],
+            "words": word, "layers": "all", "start": 0.0, "end": 1.0, "threshold": 0.5}}
+        g[f"map_{word}_save"] = {"class_type": "SaveImage", "inputs": {"images": [f"map_{word}", 0],
+                                                                      "filename_prefix": f"demo/map_{word}"}}
+        g[f"mask_{word}"] = {"class_type": "MaskToImage", "inputs": {"mask": [f"map_{word}", 1]}}
+        g[f"mask_{word}_save"] = {"class_type": "SaveImage", "inputs": {"images": [f"mask_{word}", 0],
+                                                                       "filename_prefix": f"demo/mask_{word}"}}
+    return g
+
+
 def real_graph(name: str) -> tuple[dict, str, str]:
     """(API graph, id of its source SaveImage, id of its edited SaveImage)."""
     import json
@@ -121,6 +140,7 @@ def main(argv=None) -> int:
                 save_ids[name] = [graphs.SOURCE_SAVE, graphs.EDITED_SAVE]
                 titles[name] = target + (f" [{inputs['weights']}]" if "weights" in inputs else "")
             queued[name] = server.queue(g)
+        maps_id = server.queue(attention_map_graph(args.seed, args.steps, args.cfg, args.size, loader))
         results = {}
         for name in names:
             t = time.perf_counter()
@@ -146,6 +166,16 @@ def main(argv=None) -> int:
                          cols)
             sheet.save(out / "demo_grid.png")
             print(f"  wrote {out / 'demo_grid.png'}", flush=True)
+        entry = server.wait(maps_id, timeout=600)
+        pictures = [Image.open(io.BytesIO(server.image_bytes(server.image_refs(entry, graphs.SOURCE_SAVE)[0])))]
+        for word in MAP_WORDS:
+            for kind in ("map", "mask"):
+                ref = server.image_refs(entry, f"{kind}_{word}_save")[0]
+                pictures.append(Image.open(io.BytesIO(server.image_bytes(ref))).convert("RGB"))
+        cols = [("source", "a red circle on a gray ...")] + [(f"{k} '{w}'", "AttentionMapPreview")
+                                                              for w in MAP_WORDS for k in ("map", "mask")]
+        grid([("", pictures)], cols).save(out / "attention_maps.png")
+        print(f"  wrote {out / 'attention_maps.png'}", flush=True)
     except server_mod.ServerError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         failed.append("server")

@@ -64,4 +64,13 @@ link() { local dst="$comfy/custom_nodes/$2"; [ -L "$dst" ] || [ -e "$dst" ] || l
 link "$here" comfyui-attention-edit
 link "$here/demo_model" comfyui-attention-edit-demo-model
 mkdir -p "$here/.comfyui"; printf "%s\n" "$comfy" > "$here/.comfyui/path"
+
+# 4. Chromium for the frontend test (tests/test_frontend.py loads every workflow in ComfyUI's real
+#    web UI). Installed only where apt-get runs as root (CI, containers); elsewhere the test skips.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ] && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1 && [ "${ATTN_EDIT_NO_CHROMIUM:-}" != 1 ]; then
+  say "installing chromium (apt) for the frontend test; ATTN_EDIT_NO_CHROMIUM=1 skips this"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || say "WARNING: chromium could not be installed: the frontend test will skip"
+fi
 say "ready: python $vpy, ComfyUI $got at $comfy"
