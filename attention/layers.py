@@ -15,6 +15,7 @@ Presets:
 - "p2p_16"     P2P's self-attention rule "resolution <= 16²" at 512 px: level >= 2.
 - "p2p_32"     "resolution <= 32²": level >= 1.
 - "none"       no layer.
+- "level N"    the layers at one resolution (level 0 = the full latent; SD1.5 at 512 px: 64²).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class AttentionLayer:
 
 
 PRESETS = ("all", "fpe", "p2p_16", "p2p_32", "none")
+LEVELS = ("level 0", "level 1", "level 2", "level 3")  # one resolution (0 = the full latent)
 
 
 def unet_attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
@@ -81,4 +83,6 @@ def select_layers(layers: list[AttentionLayer], preset: str) -> list[AttentionLa
         return [l for l in layers if l.level >= 2]
     if preset == "p2p_32":
         return [l for l in layers if l.level >= 1]
+    if preset in LEVELS:
+        return [l for l in layers if l.level == int(preset.split()[1])]
     raise ValueError(f"unknown layer preset '{preset}'; choose one of {', '.join(PRESETS)}")

@@ -45,7 +45,7 @@ REAL_DEMOS = {
 }
 
 
-MAP_WORDS = ("red", "circle")
+MAP_WORDS = ("red", "background")
 
 
 def attention_map_graph(seed: int, steps: int, cfg: float, size: int, loader: dict) -> dict:
@@ -55,7 +55,7 @@ def attention_map_graph(seed: int, steps: int, cfg: float, size: int, loader: di
     for word in MAP_WORDS:
         g[f"map_{word}"] = {"class_type": "AttentionMapPreview", "inputs": {
             "store": ["store", 2], "source_latent": ["source_sampler", 0], "image": ["source_decode", 0],
-            "words": word, "layers": "all", "start": 0.0, "end": 1.0, "threshold": 0.5}}
+            "words": word, "layers": "level 1", "start": 0.0, "end": 1.0, "threshold": 0.5}}
         g[f"map_{word}_save"] = {"class_type": "SaveImage", "inputs": {"images": [f"map_{word}", 0],
                                                                       "filename_prefix": f"demo/map_{word}"}}
         g[f"mask_{word}"] = {"class_type": "MaskToImage", "inputs": {"mask": [f"map_{word}", 1]}}
