@@ -121,7 +121,6 @@ class Recorder(Shared):
 
     def __init__(self, record: SourceRecord, attention: AttentionFn = sdpa):
         self.record, self.attention = record, attention
-        self.map_tokens = record.prompt.end + 1
         self.occurrences = Occurrences()
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
