@@ -102,6 +102,7 @@ def test_mixed_queue_equals_each_prompt_alone_and_memory_returns(server):
     server.free()
     server.run(graphs.plain_graph("a red circle", 1, steps=2), timeout=120)
     after = server.rss_bytes()
+    print(f"server RSS: baseline {baseline / 2**20:.0f} MiB, after 50 prompts and /free {after / 2**20:.0f} MiB")
     assert after < baseline + 150 * 2**20, (baseline / 2**20, after / 2**20)
     for n in list(range(0, 50, 7)) + [49]:  # a spread of them, each alone on a cleared server
         server.free()
