@@ -77,12 +77,20 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=5.0, help="guidance of the reconstructing branch")
     ap.add_argument("--inner-steps", type=int, nargs="+", default=[2, 10],
                     help="null-text evaluations per step (each but the last followed by an Adam update)")
+    ap.add_argument("--image", nargs="*", default=[],
+                    help="other images to reconstruct instead (scaled to 128x128; empty prompt), e.g. ComfyUI's "
+                         "input/example.png")
     ap.add_argument("--lr", type=float, default=0.1, help="null-text learning rate (TinySD's 64-wide embedding "
                     "needs more than the paper's 0.01 for SD)")
     args = ap.parse_args()
     tiny = inproc.Tiny.load()
     images, captions = synthetic_images(args.images)
-    print(f"reconstruction of {args.images} synthetic images (TinySD, euler, cfg {args.cfg}); PSNR of the decoded "
+    if args.image:
+        from PIL import Image
+        images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128), Image.LANCZOS),
+                                      dtype=np.float32) / 255 for p in args.image])
+        captions = [""] * len(images)
+    print(f"reconstruction of {len(images)} {'given' if args.image else 'synthetic'} images (TinySD, euler, cfg {args.cfg}); PSNR of the decoded "
           "image in dB against the VAE round trip (mean, min; 99 = exact); time relative to one plain generation of the same steps")
     for steps in args.steps:
         rows: dict[str, list[tuple[float, float]]] = {}
