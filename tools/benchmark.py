@@ -24,30 +24,25 @@ import inproc
 
 
 class Bench:
+    """The model under test as an inproc.Tiny (its encode/sample helpers), whatever its kind."""
+
     def __init__(self, kind: str, size: int, steps: int, cfg: float):
-        inproc.node_classes()  # sets up ComfyUI (sys.path) and loads the pack
-        import nodes
-        self.nodes = nodes
+        self.node = inproc.node_classes()  # sets up ComfyUI (sys.path) and loads the pack
         if kind == "tinysd":
-            tiny = inproc.Tiny.load()
-            self.model, self.clip = tiny.model, tiny.clip
+            self.tiny = inproc.Tiny.load(steps=steps, cfg=cfg, size=size)
         else:
             import random_models
-            self.model, self.clip = random_models.build(kind)
-        self.kind, self.size, self.steps, self.cfg = kind, size, steps, cfg
-        self.node = inproc.node_classes()
+            self.tiny = inproc.Tiny(*random_models.build(kind), None, steps=steps, cfg=cfg, size=size)
+        self.model, self.clip = self.tiny.model, self.tiny.clip
         self.negative = self.encode("")
 
     def encode(self, text: str):
-        return self.nodes.CLIPTextEncode().encode(self.clip, text)[0]
+        return self.tiny.encode(text)
 
-    def latent(self) -> dict:
-        return self.nodes.EmptyLatentImage().generate(self.size, self.size, 1)[0]
-
-    def sample(self, model, positive, latent=None, negative=None, add_noise=True) -> dict:
-        return self.nodes.common_ksampler(model, 1, self.steps, self.cfg, "euler", "normal", positive,
-                                          negative or self.negative, latent or self.latent(),
-                                          disable_noise=not add_noise, force_full_denoise=True)[0]
+    def sample(self, model, positive, latent=None, add_noise=True) -> dict:
+        if add_noise:
+            return self.tiny.sample(model, positive, seed=1, negative=self.negative)
+        return self.tiny.sample_from(model, positive, latent, self.negative)
 
     def store(self, prompt: str, self_layers: str, self_until: float, cross_until: float, inversion=None):
         return self.node["AttentionStore"].execute(self.model, self.clip, prompt, cross_until, self_layers,

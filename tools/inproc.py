@@ -36,6 +36,7 @@ class Tiny:
     cfg: float = 5.0
     sampler: str = "euler"
     scheduler: str = "normal"
+    size: int = 128  # image size in pixels
 
     @classmethod
     def load(cls, **kw) -> "Tiny":
@@ -50,7 +51,7 @@ class Tiny:
 
     def latent(self, batch: int = 1) -> dict:
         import nodes
-        return nodes.EmptyLatentImage().generate(128, 128, batch)[0]
+        return nodes.EmptyLatentImage().generate(self.size, self.size, batch)[0]
 
     def sample(self, model, positive, seed: int, batch: int = 1, negative=None, **kw) -> dict:
         import nodes
