@@ -19,6 +19,9 @@ from .schedule import StepRange, sigma_key, step_index
 from .tokens import MAX_TOKENS, Prompt
 
 
+LIVE_SOURCE = "attention_edit_live_source"  # transformer_options: leading chunks that are the recomputed source
+
+
 class Shared:
     def __deepcopy__(self, memo):
         return self
@@ -122,15 +125,32 @@ class Recorder(Shared):
     def __init__(self, record: SourceRecord, attention: AttentionFn = sdpa):
         self.record, self.attention = record, attention
         self.occurrences = Occurrences()
+        self.last_cond: dict[int, tuple] = {}  # cond_or_uncond -> key of its last kept conditioning
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
-        self.occurrences = Occurrences()
+        self.occurrences, self.last_cond = Occurrences(), {}
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        if self.record.mode == "pending":
+            self.record.decide()
         self.record.finish(out)
         return out
+
+    def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        """Keeps the model's inputs (latent-sized) while the store may recompute the source later."""
+        rec = self.record
+        if rec.sample_sigmas is not None and rec.spec.strategy != "keep":
+            sigma = float(torch.as_tensor(t).flatten()[0])
+            conds = dict(kwargs, c_crossattn=c_crossattn, c_concat=c_concat)
+            for cou, rows in chunks(transformer_options, x.shape[0]):
+                sk = self.occurrences.key(sigma, "input", cou)
+                rec.inputs[(sk, cou)] = x[rows].detach()
+                rec.conds[(sk, cou)] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond.get(cou)))
+                self.last_cond[cou] = (sk, cou)
+            rec.has_control |= control is not None
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         out = patch.plain(q, k, v, extra, self.attention)
@@ -142,6 +162,12 @@ class Recorder(Shared):
         spec = rec.spec
         for cou, rows in chunks(extra, q.shape[0]):
             sk = self.occurrences.key(sigma, patch.kind, key, cou)
+            if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
+                if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level:
+                    hw = spatial_hw(extra, q.shape[1])
+                    rec.layer_hw.setdefault(key, (extra["n_heads"], hw))
+                    rec.map_tokens(key, sk, q[rows], k[rows])
+                continue
             if patch.kind == "attn1":
                 if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
                     rec.self_qk[(key, sk, cou)] = (rec.keep(q[rows]), rec.keep(k[rows]))
@@ -162,6 +188,9 @@ class Recorder(Shared):
         rec, denoised = self.record, args["denoised"]
         if rec.sample_sigmas is None:
             return denoised
+        if rec.mode == "pending":  # the first step has shown what keeping every step costs
+            rec.decide()
+        rec.check_budget()
         sigma = current_sigma({"sigmas": args["sigma"]})
         sk = self.occurrences.key(sigma, "denoised")
         if rec.inversion is not None:  # direct inversion: land on the trajectory's next latent
@@ -172,6 +201,17 @@ class Recorder(Shared):
             denoised = anchored
         rec.denoised[sk] = denoised.detach().clone()
         return denoised
+
+
+def batch_rows(conds: dict, rows: slice, batch: int, previous: dict | None) -> dict:
+    """The rows of every batched conditioning tensor (c_crossattn, y, c_concat ...); the previous
+    step's dict when nothing changed, so a store keeps one copy of a prompt, not one per step."""
+    picked = {name: c[rows].detach() for name, c in conds.items()
+              if isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == batch}
+    if previous is not None and previous.keys() == picked.keys() and all(
+            previous[n].shape == c.shape and torch.equal(previous[n], c) for n, c in picked.items()):
+        return previous
+    return picked
 
 
 def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, node: str) -> None:
@@ -232,6 +272,10 @@ class Editor(Shared):
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.check(sigmas, tuple(noise.shape))
+        if self.record.recompute and self.record.has_control:
+            raise RecordError(f"{self.node}: the source branch ran with a ControlNet and the attention store "
+                              "recomputes the source (AttentionStore's strategy/budget_mb), which cannot reproduce "
+                              "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
         self.maps.clear()
@@ -264,19 +308,69 @@ class Editor(Shared):
         return t.expand(like.shape[0], *t.shape[1:]) if t.shape[0] != like.shape[0] else t
 
     # -- attention ------------------------------------------------------------------------------
+    def needs_source(self, step: int) -> bool:
+        n = self.record.num_steps
+        cross = self.cross is not None and bool(self.cross.alpha(step, n).any())
+        return cross or (bool(self.self_layers) and self.self_steps.active(step, n))
+
+    def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        """Recompute strategy: while injecting, the source's recorded inputs run in the same batch,
+        first, so every patched layer sees the source's queries and keys live; the target's rows
+        are returned. Other steps run as they are."""
+        rec = self.record
+        if not rec.recompute or self.sample_sigmas is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        sigma = float(torch.as_tensor(t).flatten()[0])
+        parts = chunks(transformer_options, x.shape[0])
+        keys = [(self.occurrences.key(sigma, "input", cou), cou) for cou, _ in parts]
+        if not self.needs_source(self.occurrences.step(sigma, rec.sample_sigmas)):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if control is not None:
+            raise RecordError(f"{self.node}: the attention store recomputes the source (AttentionStore's strategy/"
+                              "budget_mb), which cannot reproduce a ControlNet: set strategy 'keep' or raise budget_mb")
+        if any(k not in rec.inputs for k in keys):
+            raise RecordError(f"{self.node}: the attention store has no source input at sigma {sigma:.4g}: sample "
+                              "both branches with the same sampler, steps and scheduler")
+        conds = dict(kwargs, c_crossattn=c_crossattn, c_concat=c_concat)
+        for name, c in conds.items():
+            if isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == x.shape[0]:
+                src = [rec.conds[k].get(name) for k in keys]
+                if any(s is None or s.shape[1:] != c.shape[1:] for s in src):
+                    raise RecordError(f"{self.node}: the source's '{name}' conditioning does not match the target's "
+                                      f"{tuple(c.shape[1:])} (prompts of different token lengths?): keep both prompts "
+                                      "under 75 tokens, or set AttentionStore's strategy to 'keep'")
+                conds[name] = torch.cat([self._source(s, c[rows]) for s, (_, rows) in zip(src, parts)] + [c])
+        xs = torch.cat([self._source(rec.inputs[k], x[rows]) for k, (_, rows) in zip(keys, parts)] + [x])
+        opts = dict(transformer_options, cond_or_uncond=[cou for cou, _ in parts] * 2, **{LIVE_SOURCE: len(parts)})
+        if "uuids" in opts:
+            opts["uuids"] = list(opts["uuids"]) * 2
+        out = executor(xs, torch.cat([t, t]), conds.pop("c_concat"), conds.pop("c_crossattn"), None, opts, **conds)
+        return out[x.shape[0]:]
+
+    def _missing_live_source(self, sigma: float) -> None:
+        if self.record.recompute:
+            raise RecordError(f"{self.node}: at sigma {sigma:.4g} the model was called without the recomputed source "
+                              "(another node evaluates the UNet outside ComfyUI's apply_model?): set "
+                              "AttentionStore's strategy to 'keep'")
+
     def attend(self, patch: LayerPatch, q, k, v, extra):
         rec, key, heads = self.record, patch.layer.key, extra["n_heads"]
         sigma = current_sigma(extra)
         step = self.occurrences.step(sigma, rec.sample_sigmas)
-        parts = []
-        for cou, rows in chunks(extra, q.shape[0]):
+        live = int(extra.get(LIVE_SOURCE, 0))  # leading chunks that are the source, recomputed
+        every = chunks(extra, q.shape[0])
+        sources, targets = every[:live], every[live:]
+        parts = [(None, q[rows], k[rows], v[rows]) for _, rows in sources]  # the source attends as usual
+        for i, (cou, rows) in enumerate(targets):
             sk = self.occurrences.key(sigma, patch.kind, key, cou)
             qc, kc, vc = q[rows], k[rows], v[rows]
+            live_qk = (q[sources[i][1]], k[sources[i][1]]) if live else None
             jobs: list[Job] | None = None  # None: this chunk attends as usual
             if patch.kind == "attn1":
                 if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
-                    src = rec.self_qk.get((key, sk, cou))
+                    src = live_qk or rec.self_qk.get((key, sk, cou))
                     if src is None:
+                        self._missing_live_source(sigma)
                         raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
                                           f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
                                           "self_attention_layers/self_attention_until) or inject fewer layers/steps")
@@ -286,8 +380,9 @@ class Editor(Shared):
                     alpha = self.cross.alpha(step, rec.num_steps)
                     eq = self.cross.equalizer if self.cross.equalizer is not None else torch.ones_like(alpha)
                     if bool(alpha.any()):
-                        q_s, k_s = rec.cross_q.get((key, sk)), rec.cross_k.get(key)
+                        q_s, k_s = live_qk or (rec.cross_q.get((key, sk)), rec.cross_k.get(key))
                         if q_s is None or k_s is None:
+                            self._missing_live_source(sigma)
                             raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
                                               f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
                                               "cross_attention_until) or inject for fewer steps")

@@ -1,5 +1,13 @@
-"""What the source branch leaves for the target: queries/keys of chosen layers and steps (never
-full maps), low-resolution token maps for local blend, and the denoised latent of each step."""
+"""What the source branch leaves for the target.
+
+Two strategies, chosen per run within a memory budget:
+- keep: queries/keys of the chosen layers and steps (never full maps), low-resolution queries for
+  token maps (local blend, previews), the denoised latent of each step. The target then costs one
+  plain generation, but the store grows with the step count.
+- recompute: only the model's inputs of each step (latent-sized) and the low-resolution token maps;
+  the target branch runs the source alongside itself in one batch while it injects, so the store
+  does not hold attention at all. Slower (the target's injected steps cost two evaluations).
+"""
 from __future__ import annotations
 
 import uuid
@@ -28,7 +36,10 @@ class RecordSpec:
     self_layers: frozenset[tuple[str, int, int]]
     self_steps: StepRange
     map_positions: int = 16 * 16  # token maps are kept at the finest level with at most this many positions
+    map_level: int | None = None  # or at this level (clamped to the deepest): a model whose words localise elsewhere
     storage_dtype: torch.dtype | None = None  # None: the model's dtype
+    strategy: str = "keep"  # "keep" | "recompute" | "auto": keep unless the estimate exceeds budget_bytes
+    budget_bytes: int = 2 << 30
 
 
 def map_level(latent_shape: tuple[int, ...], max_positions: int, deepest: int) -> int:
@@ -64,21 +75,33 @@ class SourceRecord:
     inversion: Trajectory | None = None  # a real image's trajectory: the source is re-anchored to it
     correct_target: bool = True  # direct inversion: the target gets the source's corrections too
     corrections: dict = field(default_factory=dict)  # sigma key -> anchored minus model denoised
+    mode: str = "pending"  # "keep" | "recompute" once the first step has shown what keeping costs
+    estimated_bytes: int = 0  # what keeping the attention of every step would take (first step x steps)
+    inputs: dict = field(default_factory=dict)  # recompute: (sigma key, cond_or_uncond) -> the model's input rows
+    conds: dict = field(default_factory=dict)  # recompute: (sigma key, cond_or_uncond) -> {name: rows}
+    has_control: bool = False  # the source ran with a ControlNet (recompute cannot reproduce it)
     _maps: dict = field(default_factory=dict, repr=False)  # sigma key -> token maps, computed when asked
 
     def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
         """A new source run: forget the last one."""
         for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self.layer_hw, self._maps,
-                  self.denoised, self.corrections):
+                  self.denoised, self.corrections, self.inputs, self.conds):
             d.clear()
         self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
+        self.mode = "pending"  # the first step keeps everything; decide() then picks
+        self.estimated_bytes, self.has_control = 0, False
         self.sample_sigmas = sample_sigmas.detach().float().cpu().clone()
         self.latent_shape = tuple(latent_shape)
-        self.map_level = map_level(latent_shape, self.spec.map_positions, max(l.level for l in self.layers.values()))
+        deepest = max(l.level for l in self.layers.values())
+        chosen = self.spec.map_level
+        self.map_level = map_level(latent_shape, self.spec.map_positions, deepest) if chosen is None else min(chosen, deepest)
 
     def finish(self, result: torch.Tensor) -> None:
         self.result = result.detach().float().cpu().clone()
         self.complete = True
+        if self.mode == "keep":  # the inputs were kept in case the run outgrew its budget
+            self.inputs.clear()
+            self.conds.clear()
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -88,28 +111,78 @@ class SourceRecord:
     def num_steps(self) -> int:
         return len(self.sample_sigmas) - 1
 
+    @property
+    def recompute(self) -> bool:
+        return self.mode == "recompute"
+
     def nbytes(self) -> int:
         tensors = [*self.cross_q.values(), *self.cross_k.values(), *self.map_q.values(), *self.map_k.values(),
-                   *self.denoised.values(), *self.corrections.values()]
+                   *self.denoised.values(), *self.corrections.values(), *self.inputs.values(), *self._maps.values()]
         tensors += [t for pair in self.self_qk.values() for t in pair]
-        unique = {id(t): t for t in tensors}  # a map layer's queries may also be its kept cross queries
-        return sum(t.numel() * t.element_size() for t in unique.values())
+        tensors += [t for c in self.conds.values() for t in c.values()]
+        return _unique_nbytes(tensors)
+
+    def decide(self) -> None:
+        """After the first step: estimate what keeping every step would take (one step's share times
+        the steps each kind is kept for) and pick the strategy: under "auto", recompute if the
+        estimate exceeds the budget."""
+        from .schedule import step_index
+        n = self.num_steps
+        on_first = lambda sk: step_index(float(sk.partition("#")[0]), self.sample_sigmas) == 0  # noqa: E731
+        cross = _unique_nbytes([q for (_, sk), q in self.cross_q.items() if on_first(sk)])
+        self_ = _unique_nbytes([t for (_, sk, _), pair in self.self_qk.items() if on_first(sk) for t in pair])
+        maps = _unique_nbytes([q for (_, sk), q in self.map_q.items() if on_first(sk)])
+        active = lambda rng: sum(rng.active(i, n) for i in range(n))  # noqa: E731
+        self.estimated_bytes = (cross * active(self.spec.cross_steps) + self_ * active(self.spec.self_steps)
+                                + maps * n + _unique_nbytes(list(self.cross_k.values())))
+        if self.mode == "pending":
+            over = self.estimated_bytes > self.spec.budget_bytes
+            self.mode = self.spec.strategy if self.spec.strategy != "auto" else ("recompute" if over else "keep")
+            if self.mode == "recompute":
+                self.drop_attention()
+        if self.spec.strategy == "keep":
+            self.inputs.clear()
+            self.conds.clear()
+
+    def check_budget(self) -> None:
+        """Under "auto", a run that outgrows the budget after all (e.g. a sampler that evaluates the
+        model twice per step) switches to recomputing: the inputs of every step are still there."""
+        if self.spec.strategy == "auto" and self.mode == "keep" and self.attention_nbytes() > self.spec.budget_bytes:
+            self.mode = "recompute"
+            self.drop_attention()
+
+    def attention_nbytes(self) -> int:
+        return _unique_nbytes([*self.cross_q.values(), *self.cross_k.values(), *self.map_q.values(),
+                               *self.map_k.values(), *(t for pair in self.self_qk.values() for t in pair)])
+
+    def drop_attention(self) -> None:
+        self.compute_maps()  # the token maps made so far stay, the queries and keys go
+        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k):
+            d.clear()
 
     @property
     def maps(self) -> dict[str, torch.Tensor]:
         """sigma key -> head-averaged token maps (B, T, h, w) summed over the map-level layers.
         Computed from the kept queries and keys when first asked (local blend, previews), so a
         source run that nobody blends pays only for keeping a few low-resolution queries."""
-        from .inject import token_maps
-        for (key, sk), q in self.map_q.items():
-            if (key, sk) in self._maps:
-                continue
-            heads, hw = self.layer_hw[key]
-            self._maps[(key, sk)] = token_maps(q, self.map_k[key], heads, hw, self.prompt.end + 1)
+        self.compute_maps()
         out: dict[str, torch.Tensor] = {}
         for (key, sk), m in self._maps.items():
             out[sk] = out[sk] + m if sk in out else m
         return out
+
+    def map_tokens(self, key, sk: str, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Token maps of a map-level layer, made now (recompute keeps maps, not queries)."""
+        from .inject import token_maps
+        heads, hw = self.layer_hw[key]
+        self._maps[(key, sk)] = token_maps(q, k, heads, hw, self.prompt.end + 1)
+
+    def compute_maps(self) -> None:
+        from .inject import token_maps
+        for (key, sk), q in self.map_q.items():
+            if (key, sk) not in self._maps:
+                heads, hw = self.layer_hw[key]
+                self._maps[(key, sk)] = token_maps(q, self.map_k[key], heads, hw, self.prompt.end + 1)
 
     def cumulative_maps(self, step: int) -> torch.Tensor | None:
         return cumulative_maps(self.maps, self.sample_sigmas, step)
@@ -122,16 +195,24 @@ class SourceRecord:
         size = tuple(self.latent_shape[-2:])
         kept = {**self.map_q, **self.cross_q}
         total, count = None, 0
-        for (key, sk), q in kept.items():
+        for key, sk in {*kept, *self._maps}:
             step = step_index(float(sk.partition("#")[0]), self.sample_sigmas)
             if key not in layers or not steps.active(step, self.num_steps):
                 continue
-            heads, hw = self.layer_hw[key]
-            k = self.cross_k.get(key, self.map_k.get(key))
-            m = token_maps(q, k, heads, hw, max(positions) + 1)[:, positions].sum(1, keepdim=True)
+            if (key, sk) in self._maps:  # made already (local blend, or a store that recomputes)
+                m = self._maps[(key, sk)][:, positions].sum(1, keepdim=True)
+            else:
+                heads, hw = self.layer_hw[key]
+                k = self.cross_k.get(key, self.map_k.get(key))
+                m = token_maps(kept[(key, sk)], k, heads, hw, max(positions) + 1)[:, positions].sum(1, keepdim=True)
             m = torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             total, count = (m if total is None else total + m), count + 1
         return None if total is None else total / count
+
+
+def _unique_nbytes(tensors: list[torch.Tensor]) -> int:
+    unique = {id(t): t for t in tensors}  # e.g. a map layer's queries may also be its kept cross queries
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def cumulative_maps(maps: dict[str, torch.Tensor], sample_sigmas: torch.Tensor, step: int) -> torch.Tensor | None:

@@ -90,8 +90,9 @@ def install(model, controller: Recorder | Editor, patched: dict[str, list[Attent
                     per_block[layer.transformer_index] = LayerPatch(controller, kind, layer, previous)
             if per_block:
                 model.set_model_patch_replace(BlockPatch(per_block, previous), kind, *block)
-    model.remove_wrappers_with_key("outer_sample", EDIT_KEY)
-    model.add_wrapper_with_key("outer_sample", EDIT_KEY, controller.outer_sample)
+    for kind, wrapper in (("outer_sample", controller.outer_sample), ("apply_model", controller.apply_model)):
+        model.remove_wrappers_with_key(kind, EDIT_KEY)
+        model.add_wrapper_with_key(kind, EDIT_KEY, wrapper)
     post = [f for f in model.model_options.get("sampler_post_cfg_function", [])
             if not isinstance(getattr(f, "__self__", None), (Recorder, Editor))]
     model.model_options["sampler_post_cfg_function"] = post + [controller.post_cfg]

@@ -60,6 +60,10 @@ class AttentionMapPreview(io.ComfyNode):
             raise NodeInputError(NODE, "start/end", str(e)) from None
         chosen = {l.key for l in select_layers(list(store.layers.values()), layers)}
         heat = store.word_heatmap(positions, chosen, steps)
+        if heat is None and store.recompute:
+            raise NodeInputError(NODE, "layers", f"the store recomputes the source (AttentionStore's strategy/"
+                                 f"budget_mb) and keeps token maps of level {store.map_level} only: choose "
+                                 f"'level {store.map_level}', or set AttentionStore's strategy to 'keep'")
         if heat is None:
             raise NodeInputError(NODE, "layers", "the store kept no cross-attention for these layers and steps: "
                                  "widen them or raise AttentionStore's cross_attention_until")

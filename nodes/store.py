@@ -44,6 +44,19 @@ class AttentionStore(io.ComfyNode):
                 io.Boolean.Input("correct_target", default=True,
                                  tooltip="With an inversion: add the source's per-step corrections to the target "
                                          "branch too (keeps unedited regions closer to the image)."),
+                io.Combo.Input("strategy", options=["auto", "keep", "recompute"], default="auto", optional=True,
+                               tooltip="keep: store the source's attention (an edit costs about two generations; "
+                                       "the store grows with the steps). recompute: store only the source's "
+                                       "per-step inputs (latent-sized) and re-run the source beside the target "
+                                       "while injecting (slower; no attention kept). auto: keep if it fits budget_mb."),
+                io.Int.Input("budget_mb", default=2048, min=0, max=1 << 20, step=64, optional=True,
+                             tooltip="With strategy auto: the most memory (MiB) the kept attention may take, "
+                                     "estimated from the first step; above it the store recomputes."),
+                io.Combo.Input("token_map_level", options=["auto", "level 0", "level 1", "level 2", "level 3"],
+                               default="auto", optional=True,
+                               tooltip="Resolution of the word maps kept for local blend and previews. auto: P2P's "
+                                       "rule, the finest level with at most 16x16 positions (16² at 512 px). "
+                                       "Choose another level where a model's words localise better (TinySD: level 1)."),
                 InversionType.Input("inversion", optional=True,
                                              tooltip="A real image's DDIMInvert trajectory: the source branch is "
                                                      "re-anchored to it every step (direct inversion), so it "
@@ -59,7 +72,8 @@ class AttentionStore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, source_prompt, cross_attention_until, self_attention_layers,
-                self_attention_until, storage, correct_target=True, inversion=None) -> io.NodeOutput:
+                self_attention_until, storage, correct_target=True, inversion=None, strategy="auto",
+                budget_mb=2048, token_map_level="auto") -> io.NodeOutput:
         prompt = prompt_from_clip(clip, source_prompt, "AttentionStore", "source_prompt")
         layers = model_layers(model, "AttentionStore")
         self_layers = select_layers(layers, self_attention_layers)
@@ -67,7 +81,9 @@ class AttentionStore(io.ComfyNode):
             spec = RecordSpec(
                 cross_layers=frozenset(l.key for l in layers), cross_steps=StepRange(0, cross_attention_until),
                 self_layers=frozenset(l.key for l in self_layers), self_steps=StepRange(0, self_attention_until),
-                storage_dtype=torch.float16 if storage == "fp16" else None)
+                storage_dtype=torch.float16 if storage == "fp16" else None,
+                strategy=strategy, budget_bytes=int(budget_mb) << 20,
+                map_level=None if token_map_level == "auto" else int(token_map_level.split()[-1]))
         except ScheduleError as e:
             raise NodeInputError("AttentionStore", "cross_attention_until/self_attention_until", str(e)) from None
         record = SourceRecord(spec, prompt, model_id(model), {l.key: l for l in layers})

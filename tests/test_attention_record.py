@@ -77,3 +77,50 @@ def test_cumulative_maps_sum_every_evaluation_up_to_the_step():
     assert torch.equal(cumulative_maps(maps, SIGMAS, 1), torch.full((1, 2, 2, 2), 15.0))
     assert torch.equal(cumulative_maps(maps, SIGMAS, 3), torch.full((1, 2, 2, 2), 31.0))
     assert cumulative_maps({}, SIGMAS, 2) is None
+
+
+def strategy_record(strategy: str, budget: int, cross_until: float = 0.5) -> SourceRecord:
+    spec = RecordSpec(frozenset(l.key for l in LAYERS), StepRange(0, cross_until), frozenset(), StepRange(),
+                      strategy=strategy, budget_bytes=budget)
+    r = SourceRecord(spec, parse_prompt("a b", lambda w: [ord(w)]), "m", {l.key: l for l in LAYERS})
+    r.begin(SIGMAS, (1, 4, 8, 8))
+    return r
+
+
+def first_step(r: SourceRecord) -> None:
+    """What a first step leaves: one cross query (1 KiB), the keys (0.5 KiB), one input."""
+    key, sk = ("input", 1, 0), "10#0"
+    r.cross_q[(key, sk)] = torch.zeros(256)
+    r.cross_k[key] = torch.zeros(128)
+    r.inputs[(sk, 0)] = torch.zeros(16)
+
+
+def test_decide_estimates_every_step_and_picks_by_budget():
+    r = strategy_record("auto", budget=10_000)
+    first_step(r)
+    r.decide()
+    assert r.estimated_bytes == 1024 * 2 + 512  # cross kept for 2 of 4 steps, keys once
+    assert r.mode == "keep" and r.cross_q and r.inputs  # auto keeps the inputs in case the run outgrows it
+    r.finish(torch.zeros(1, 4, 8, 8))
+    assert not r.inputs and r.cross_q
+    r = strategy_record("auto", budget=2000)
+    first_step(r)
+    r.decide()
+    assert r.mode == "recompute" and not r.cross_q and not r.cross_k and r.inputs
+    r = strategy_record("recompute", budget=1 << 40)
+    first_step(r)
+    r.decide()
+    assert r.mode == "recompute" and r.attention_nbytes() == 0
+
+
+def test_auto_switches_when_the_run_outgrows_the_budget():
+    r = strategy_record("auto", budget=3000)
+    first_step(r)
+    r.decide()
+    assert r.mode == "keep"
+    r.cross_q[(("input", 1, 0), "5#0")] = torch.zeros(256)
+    r.cross_q[(("input", 1, 0), "5#1")] = torch.zeros(256)  # a second evaluation at the same sigma
+    r.check_budget()
+    assert r.mode == "recompute" and r.attention_nbytes() == 0
+    r.finish(torch.zeros(1, 4, 8, 8))
+    assert r.inputs, "a recomputing store keeps its inputs"

@@ -3,6 +3,8 @@
 - plain generation (KSampler);
 - P2P replace edit: source branch (AttentionStore keeping what P2PReplace's defaults need) + target;
 - FPE edit: source branch (AttentionStore keeping self-attention of the fpe layers only) + target;
+- both again with AttentionStore's strategy "recompute" (the store keeps only the source's
+  latent-sized inputs; the target re-runs the source beside itself while it injects);
 - real-image edit: DDIMInvert + source branch re-anchored to it (direct inversion) + FPE target;
 - DDIM inversion alone and null-text inversion alone (10 inner steps at most);
 and the memory: the attention store after the source branch (it only grows while the source runs,
@@ -44,9 +46,10 @@ class Bench:
             return self.tiny.sample(model, positive, seed=1, negative=self.negative)
         return self.tiny.sample_from(model, positive, latent, self.negative)
 
-    def store(self, prompt: str, self_layers: str, self_until: float, cross_until: float, inversion=None):
+    def store(self, prompt: str, self_layers: str, self_until: float, cross_until: float, inversion=None,
+              strategy: str = "keep"):
         return self.node["AttentionStore"].execute(self.model, self.clip, prompt, cross_until, self_layers,
-                                                   self_until, "model dtype", True, inversion).result
+                                                   self_until, "model dtype", True, inversion, strategy).result
 
 
 def timed(fn):
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each measurement (the mean is reported)")
+    ap.add_argument("--strategies", default="keep,recompute", help="AttentionStore strategies to time")
+    ap.add_argument("--skip-real", action="store_true", help="skip the real-image edit and the inversions")
     ap.add_argument("--null-text-steps", type=int, default=10,
                     help="null-text inner steps (0: skip null-text, e.g. for SD1.5 at 512 px on a CPU)")
     args = ap.parse_args()
@@ -91,23 +96,27 @@ def main() -> None:
         _, t = timed(lambda: b.sample(b.model, pos))
         times.setdefault("plain generation", []).append(t)
 
-        def p2p():
-            m, spos, st = b.store(src_prompt, "p2p_16", 0.4, 0.8)
-            src = b.sample(m, spos)
-            em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, 0.8, "", 0.4, "p2p_16").result
-            b.sample(em, epos)
-            return st
-        stores["P2P replace"], t = timed(p2p)
-        times.setdefault("P2P replace edit (source + target)", []).append(t)
+        for strategy in args.strategies.split(","):
+            def p2p():
+                m, spos, st = b.store(src_prompt, "p2p_16", 0.4, 0.8, strategy=strategy)
+                src = b.sample(m, spos)
+                em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, 0.8, "", 0.4,
+                                                        "p2p_16").result
+                b.sample(em, epos)
+                return st
+            stores[f"P2P, {strategy}"], t = timed(p2p)
+            times.setdefault(f"P2P replace edit, store: {strategy}", []).append(t)
 
-        def fpe():
-            m, spos, st = b.store(src_prompt, "fpe", 1.0, 0.0)
-            src = b.sample(m, spos)
-            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, "fpe", 1.0).result[0], tgt)
-            return st
-        stores["FPE"], t = timed(fpe)
-        times.setdefault("FPE edit (source + target)", []).append(t)
+            def fpe():
+                m, spos, st = b.store(src_prompt, "fpe", 1.0, 0.0, strategy=strategy)
+                src = b.sample(m, spos)
+                b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, "fpe", 1.0).result[0], tgt)
+                return st
+            stores[f"FPE, {strategy}"], t = timed(fpe)
+            times.setdefault(f"FPE edit, store: {strategy}", []).append(t)
 
+        if args.skip_real:
+            continue
         image = b.sample(b.model, pos)
 
         def real():
@@ -137,13 +146,17 @@ def main() -> None:
     if "null-text inversion" in mean:
         print(f"  {f'null-text ({args.null_text_steps} inner steps) / DDIM inversion':52s} "
               f"{mean['null-text inversion'] / mean['DDIM inversion']:8.2f}x")
+    heads = attention_heads(b.model)
+    maps = {name.split(",")[0]: map_bytes(st, heads) for name, st in stores.items() if st.mode == "keep"}
     for name, st in stores.items():
-        kept, maps = st.nbytes(), map_bytes(st, attention_heads(b.model))
+        kept, full = st.nbytes(), maps.get(name.split(",")[0], 0)
         per_step = kept / args.steps
-        print(f"  store after the source branch, {name:12s}: {kept / 2**20:9.1f} MiB ({per_step / 2**20:.1f} MiB/step, "
-              f"{50 * per_step / 2**30:.2f} GiB at 50 steps); every probability map of the same layers/steps (fp32): "
-              f"{maps / 2**20:9.1f} MiB; store/maps {100 * kept / max(maps, 1):.1f}%")
-    print(f"  inversion trajectory: {inv.latents.numel() * inv.latents.element_size() / 2**20:.2f} MiB")
+        print(f"  store after the source branch, {name:16s}: {kept / 2**20:9.1f} MiB ({per_step / 2**20:.2f} MiB/step, "
+              f"{50 * per_step / 2**30:.3f} GiB at 50 steps); every probability map of the same layers/steps (fp32): "
+              f"{full / 2**20:9.1f} MiB; store/maps {100 * kept / max(full, 1):.1f}%; attention kept "
+              f"{st.attention_nbytes() / 2**20:.1f} MiB")
+    if not args.skip_real:
+        print(f"  inversion trajectory: {inv.latents.numel() * inv.latents.element_size() / 2**20:.2f} MiB")
     print(f"  process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 

@@ -136,7 +136,9 @@ def main(argv=None) -> int:
             else:
                 edit, source, target, inputs, blend = DEMOS[name]
                 g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=args.cfg, size=args.size,
-                                      loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend)
+                                      loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend,
+                                      store={"token_map_level": "level 1"} if blend else None)  # TinySD's words
+                # localise at 8x8 (level 1), not at P2P's 16x16
                 save_ids[name] = [graphs.SOURCE_SAVE, graphs.EDITED_SAVE]
                 titles[name] = target + (f" [{inputs['weights']}]" if "weights" in inputs else "")
             queued[name] = server.queue(g)

@@ -40,13 +40,15 @@ def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return 99.0 if mse < 1e-10 else 10 * np.log10(1.0 / mse)
 
 
-def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=METHODS) -> dict[str, list[dict]]:
-    """Per method, per sample: success, structure IoU and background PSNR against the source."""
+def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=METHODS,
+             token_map_level: str = "level 1") -> dict[str, list[dict]]:
+    """Per method, per sample: success, structure IoU and background PSNR against the source.
+    Local blend reads TinySD's 8x8 word maps (level 1), where its words localise."""
     import shapes
 
     store_node = tiny.node("AttentionStore")
     src_model, src_pos, store = store_node.execute(tiny.model, tiny.clip, case.source, 1.0, "fpe", 1.0,
-                                                   "model dtype").result
+                                                   "model dtype", token_map_level=token_map_level).result
     source = tiny.sample(src_model, src_pos, seed, batch)
     src_imgs = tiny.images(source)
     edit = tiny.node("P2PRefine" if case.kind == "refine" else "P2PReplace")

@@ -22,17 +22,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--reweight-only", action="store_true", help="only the re-weight sweep")
     ap.add_argument("--real", action="store_true", help="edit inverted rendered images (colour and shape swaps)")
+    ap.add_argument("--token-map-level", default="level 1", help="AttentionStore's token_map_level (local blend's maps)")
+    ap.add_argument("--kinds", default="colour,shape,refine")
+    ap.add_argument("--ckpt", help="a TinySD checkpoint other than the shipped one")
     args = ap.parse_args()
     tiny = inproc.Tiny.load()
+    if args.ckpt:
+        import tinysd
+        tiny = inproc.Tiny(*tinysd.load_checkpoint(args.ckpt))
     if args.reweight_only:
         return reweight(tiny)
     results: dict[tuple[str, str], list[dict]] = defaultdict(list)
     t0 = time.time()
     for i, case in enumerate(edits.CASES):
-        if args.real and case.kind == "refine":
+        if (args.real and case.kind == "refine") or case.kind not in args.kinds.split(","):
             continue
-        run = edits.run_real_case if args.real else edits.run_case
-        for method, rows in run(tiny, case, args.seed + i, args.batch).items():
+        if args.real:
+            rows_by_method = edits.run_real_case(tiny, case, args.seed + i, args.batch)
+        else:
+            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, token_map_level=args.token_map_level)
+        for method, rows in rows_by_method.items():
             results[(case.kind, method)] += rows
     what = "inverted rendered images (DDIM inversion, direct-inversion source)" if args.real else "samples"
     print(f"Edits on TinySD, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} euler steps, cfg {tiny.cfg}, "
@@ -41,7 +50,7 @@ def main() -> None:
     for (kind, method), rows in results.items():
         s = edits.summarise(rows)
         print(f"{kind:8s} {method:20s} {s['n']:4d} {s['success']:8.2f} {s['iou']:6.2f} {s['psnr_bg']:8.1f}")
-    if not args.real:
+    if not args.real and args.kinds == "colour,shape,refine":
         reweight(tiny)
 
 

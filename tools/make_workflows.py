@@ -354,7 +354,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 SD15 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
         "size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
 TINYSD = {"loader": {"class_type": "TinySDCheckpointLoader", "inputs": {}},
-          "size": 128, "steps": 20, "cfg": 5.0, "seed": 42}
+          "size": 128, "steps": 20, "cfg": 5.0, "seed": 42,
+          "store": {"token_map_level": "level 1"}}  # TinySD's words localise at 8x8, not 16x16
 
 # name -> (edit, sd15 prompts/settings, tinysd prompts/settings)
 EXAMPLES = {
@@ -393,7 +394,8 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> dict:
     loader = g.add(model["loader"]["class_type"], **model["loader"]["inputs"])
     negative = g.add("CLIPTextEncode", "Negative prompt (both branches)", text="", clip=[loader, 1])
     latent = g.add("EmptyLatentImage", width=model["size"], height=model["size"], batch_size=1)
-    store = g.add("AttentionStore", model=[loader, 0], clip=[loader, 1], source_prompt=prompts["source"])
+    store = g.add("AttentionStore", model=[loader, 0], clip=[loader, 1], source_prompt=prompts["source"],
+                  **model.get("store", {}))
     sampling = dict(seed=model["seed"], steps=model["steps"], cfg=model["cfg"], sampler_name="euler",
                     scheduler="normal", denoise=1.0)
     source = g.add("KSampler", "KSampler (source)", model=[store, 0], positive=[store, 1], negative=[negative, 0],
@@ -449,7 +451,7 @@ def real_graph(edit: str, prompts: dict, model: dict) -> dict:
     invert = g.add("DDIMInvert", model=[loader, 0], positive=[source_text, 0], negative=[negative, 0],
                    latent=[latent, 0], steps=model["steps"], scheduler="normal", cfg=1.0)
     store = g.add("AttentionStore", model=[loader, 0], clip=[loader, 1], source_prompt=prompts["source"],
-                  inversion=[invert, 1])
+                  inversion=[invert, 1], **model.get("store", {}))
     sampling = dict(add_noise="disable", noise_seed=0, steps=model["steps"], cfg=model["cfg"], sampler_name="euler",
                     scheduler="normal", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
     source = g.add("KSamplerAdvanced", "KSampler (source: reconstruction)", model=[store, 0], positive=[store, 1],
