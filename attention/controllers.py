@@ -252,6 +252,7 @@ class LocalBlend:
     start: float = 0.2  # blend from this fraction of the steps on
     subtract_source: list[int] = field(default_factory=list)
     subtract_target: list[int] = field(default_factory=list)
+    dilate: int = 1  # max-pool radius in map cells (P2P: 1, on 16x16 maps)
 
 
 class Editor(Shared):
@@ -422,7 +423,9 @@ class Editor(Shared):
             raise RecordError(f"{self.node}: local blend needs the source's maps and latents at sigma {sigma:.4g}, "
                               "which the attention store did not keep")
         size = tuple(denoised.shape[-2:])
-        mask = blend_mask(src_maps.to(denoised.device), blend.source_positions, size, blend.threshold, blend.subtract_source)
-        mask = torch.maximum(mask, blend_mask(tgt, blend.target_positions, size, blend.threshold, blend.subtract_target))
+        mask = blend_mask(src_maps.to(denoised.device), blend.source_positions, size, blend.threshold,
+                          blend.subtract_source, dilate=blend.dilate)
+        mask = torch.maximum(mask, blend_mask(tgt, blend.target_positions, size, blend.threshold, blend.subtract_target,
+                                              dilate=blend.dilate))
         src = self._source(src_denoised, denoised)
         return src + mask.to(denoised) * (denoised - src)

@@ -90,13 +90,16 @@ def token_maps(q: torch.Tensor, k: torch.Tensor, heads: int, hw: tuple[int, int]
 
 
 def blend_mask(maps: torch.Tensor, positions: list[int], size: tuple[int, int], threshold: float = 0.3,
-               subtract: list[int] | None = None, subtract_maps: torch.Tensor | None = None) -> torch.Tensor:
-    """P2P local blend: the words' maps (B, T, h, w) summed, max-pooled 3x3, resized to the latent,
-    normalised by their maximum and thresholded. `subtract` words' mask is removed."""
+               subtract: list[int] | None = None, subtract_maps: torch.Tensor | None = None,
+               dilate: int = 1) -> torch.Tensor:
+    """P2P local blend: the words' maps (B, T, h, w) summed, max-pooled over (2*dilate+1)² cells
+    (P2P: 3x3 on 16x16 maps), resized to the latent, normalised by their maximum and thresholded.
+    `subtract` words' mask is removed."""
 
     def word_mask(m: torch.Tensor, pos: list[int]) -> torch.Tensor:
         m = m[:, pos].sum(1, keepdim=True).float()
-        m = F.max_pool2d(m, 3, stride=1, padding=1)
+        if dilate > 0:
+            m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
         m = F.interpolate(m, size=size, mode="nearest")
         return m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) > threshold
 

@@ -211,12 +211,15 @@ class P2PLocalBlend(io.ComfyNode):
                 io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Blend from this fraction of the steps on (P2P: 0.2)."),
                 io.String.Input("subtract_words", default="", tooltip="Target words whose region must stay the source."),
+                io.Int.Input("dilate", default=1, min=0, max=8, optional=True,
+                             tooltip="Grow the mask by this many cells of the word maps (P2P: 1 on 16x16 maps). "
+                                     "0 for coarse maps (TinySD's 8x8)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="Sample the target branch with this model.")],
         )
 
     @classmethod
-    def execute(cls, model, source_words, target_words, threshold, start, subtract_words) -> io.NodeOutput:
+    def execute(cls, model, source_words, target_words, threshold, start, subtract_words, dilate=1) -> io.NodeOutput:
         node = "P2PLocalBlend"
         editor = current_editor(model)
         if editor is None or editor.target is None:
@@ -224,7 +227,8 @@ class P2PLocalBlend(io.ComfyNode):
                                  "P2PRefine or P2PReweight")
         try:
             blend = LocalBlend(editor.record.prompt.positions(source_words), editor.target.positions(target_words),
-                               threshold, start, [], editor.target.positions(subtract_words) if split_words(subtract_words) else [])
+                               threshold, start, [], editor.target.positions(subtract_words) if split_words(subtract_words) else [],
+                               int(dilate))
         except PromptError as e:
             raise NodeInputError(node, "source_words/target_words", f"{e}; name words of the prompts") from None
         new = Editor(editor.record, editor.run_id, editor.cross, editor.self_layers, editor.self_steps, blend,

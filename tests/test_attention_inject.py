@@ -220,6 +220,13 @@ def test_blend_mask_covers_the_dilated_blob():
     assert torch.equal(blend_mask(m, [1], (8, 8)), torch.zeros(1, 1, 8, 8))
 
 
+def test_blend_mask_dilation_radius():
+    m = maps_with({(0, 2, 3, 3): 1.0})
+    assert torch.equal(blend_mask(m, [2], (8, 8), dilate=0), region((8, 8), slice(3, 4), slice(3, 4)))
+    assert torch.equal(blend_mask(m, [2], (8, 8), dilate=2), region((8, 8), slice(1, 6), slice(1, 6)))
+    assert torch.equal(blend_mask(m, [2], (16, 16), dilate=0), region((16, 16), slice(6, 8), slice(6, 8)))
+
+
 def test_blend_mask_threshold_is_strict_and_relative_to_the_maximum():
     m = maps_with({(0, 1, 1, 1): 1.0, (0, 1, 6, 6): 0.5})
     both = region((8, 8), slice(0, 3), slice(0, 3)) + region((8, 8), slice(5, 8), slice(5, 8))

@@ -13,13 +13,14 @@ SEED = 1234
 
 PACK_INPUTS = {
     "AttentionStore": ["model", "clip", "source_prompt", "cross_attention_until", "self_attention_layers",
-                       "self_attention_until", "storage", "correct_target", "inversion"],
+                       "self_attention_until", "storage", "correct_target", "strategy", "budget_mb",
+                       "token_map_level", "inversion"],
     "P2PReplace": ["model", "clip", "store", "source_latent", "target_prompt", "cross_attention_until",
                    "word_schedules", "self_attention_until", "self_attention_layers"],
     "P2PRefine": ["model", "clip", "store", "source_latent", "target_prompt", "cross_attention_until",
                   "word_schedules", "self_attention_until", "self_attention_layers"],
     "P2PReweight": ["model", "clip", "store", "source_latent", "target_prompt", "weights", "cross_attention_until"],
-    "P2PLocalBlend": ["model", "source_words", "target_words", "threshold", "start", "subtract_words"],
+    "P2PLocalBlend": ["model", "source_words", "target_words", "threshold", "start", "subtract_words", "dilate"],
     "FPESelfAttnInject": ["model", "store", "source_latent", "layers", "until"],
     "DDIMInvert": ["model", "positive", "negative", "latent", "steps", "scheduler", "cfg"],
     "NullTextInversion": ["model", "inversion", "positive", "negative", "cfg", "inner_steps", "learning_rate",

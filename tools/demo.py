@@ -35,7 +35,7 @@ DEMOS = {
     "reweight": ("reweight", "a red circle on a gray background", "a red circle on a gray background",
                  {"weights": "red=-1.0"}, None),
     "local_blend": ("local_blend", "a red circle on a gray background", "a blue circle on a gray background",
-                    {}, {"source_words": "circle", "target_words": "circle"}),
+                    {}, {"source_words": "red", "target_words": "blue", "threshold": 0.5, "dilate": 0}),
     "fpe": ("fpe", "a red circle", "a blue circle", {}, None),
 }
 # real-image edits: the committed API workflows (LoadImage of demo_model/red_circle.png -> DDIMInvert -> ...)
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
                 edit, source, target, inputs, blend = DEMOS[name]
                 g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=args.cfg, size=args.size,
                                       loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend,
-                                      store={"token_map_level": "level 1"} if blend else None)  # TinySD's words
-                # localise at 8x8 (level 1), not at P2P's 16x16
+                                      store={"token_map_level": "level 1"} if blend else None)  # TinySD's colour
+                # words localise at 8x8 (level 1), not at P2P's 16x16
                 save_ids[name] = [graphs.SOURCE_SAVE, graphs.EDITED_SAVE]
                 titles[name] = target + (f" [{inputs['weights']}]" if "weights" in inputs else "")
             queued[name] = server.queue(g)

@@ -22,7 +22,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--reweight-only", action="store_true", help="only the re-weight sweep")
     ap.add_argument("--real", action="store_true", help="edit inverted rendered images (colour and shape swaps)")
-    ap.add_argument("--token-map-level", default="level 1", help="AttentionStore's token_map_level (local blend's maps)")
+    ap.add_argument("--p2p-blend", action="store_true",
+                    help="local blend as P2P sets it up (maps at <= 16x16, threshold 0.3, 3x3 dilation) instead of "
+                         "TinySD's (level 1, 0.5, none)")
     ap.add_argument("--kinds", default="colour,shape,refine")
     ap.add_argument("--ckpt", help="a TinySD checkpoint other than the shipped one")
     args = ap.parse_args()
@@ -40,7 +42,8 @@ def main() -> None:
         if args.real:
             rows_by_method = edits.run_real_case(tiny, case, args.seed + i, args.batch)
         else:
-            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, token_map_level=args.token_map_level)
+            blend = {"token_map_level": "auto", "threshold": 0.3, "dilate": 1} if args.p2p_blend else edits.BLEND
+            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, blend=blend)
         for method, rows in rows_by_method.items():
             results[(case.kind, method)] += rows
     what = "inverted rendered images (DDIM inversion, direct-inversion source)" if args.real else "samples"

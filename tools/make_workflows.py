@@ -175,8 +175,10 @@ def complete(api: dict, info: dict) -> dict:
         node.setdefault("_meta", {}).setdefault("title", info[node["class_type"]].get("display_name")
                                                 or node["class_type"])
         for name, spec, optional in ordered_inputs(info[node["class_type"]]):
-            if name not in node["inputs"] and is_widget(spec) and not optional:
+            if name not in node["inputs"] and is_widget(spec):  # optional widgets too: the frontend makes them
                 value = default_value(spec)
+                if value is None and optional:
+                    continue
                 if value is None:
                     raise ValueError(f"node {nid} ({node['class_type']}): input '{name}' has no default: set it")
                 node["inputs"][name] = value
@@ -355,7 +357,8 @@ SD15 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name
         "size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
 TINYSD = {"loader": {"class_type": "TinySDCheckpointLoader", "inputs": {}},
           "size": 128, "steps": 20, "cfg": 5.0, "seed": 42,
-          "store": {"token_map_level": "level 1"}}  # TinySD's words localise at 8x8, not 16x16
+          # TinySD's colour words localise at 8x8 (level 1), not at P2P's 16x16; its shape nouns do not
+          "store": {"token_map_level": "level 1"}, "blend": {"threshold": 0.5, "dilate": 0}}
 
 # name -> (edit, sd15 prompts/settings, tinysd prompts/settings)
 EXAMPLES = {
@@ -369,7 +372,7 @@ EXAMPLES = {
     "p2p_local_blend": ("local_blend", {"source": "a cat riding a bicycle", "target": "a cat riding a car",
                                         "source_words": "bicycle", "target_words": "car"},
                         {"source": "a red circle", "target": "a blue circle",
-                         "source_words": "circle", "target_words": "circle"}),
+                         "source_words": "red", "target_words": "blue"}),
     "fpe": ("fpe", {"source": "a cat riding a bicycle", "target": "a cat riding a car"},
             {"source": "a red circle", "target": "a blue circle"}),
 }
@@ -416,7 +419,7 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> dict:
         positive, edited_model = [edit_id, 1], [edit_id, 0]
         if edit == "local_blend":
             edited_model = [g.add("P2PLocalBlend", model=edited_model, source_words=prompts["source_words"],
-                                  target_words=prompts["target_words"]), 0]
+                                  target_words=prompts["target_words"], **model.get("blend", {})), 0]
     target = g.add("KSampler", "KSampler (edited)", model=edited_model, positive=positive, negative=[negative, 0],
                    latent_image=[latent, 0], **sampling)
     decoded = g.add("VAEDecode", "VAE Decode (edited)", samples=[target, 0], vae=[loader, 2])
@@ -433,7 +436,7 @@ REAL_EXAMPLES = {
                                              "target": "a photo of a dog", "source_words": "cat",
                                              "target_words": "dog"},
                              {"image": DEMO_IMAGE, "source": "a red circle", "target": "a blue circle",
-                              "source_words": "circle", "target_words": "circle"}),
+                              "source_words": "red", "target_words": "blue"}),
 }
 
 
@@ -466,7 +469,7 @@ def real_graph(edit: str, prompts: dict, model: dict) -> dict:
         edit_id = g.add("P2PReplace", **link, clip=[loader, 1], target_prompt=prompts["target"])
         positive = [edit_id, 1]
         edited_model = [g.add("P2PLocalBlend", model=[edit_id, 0], source_words=prompts["source_words"],
-                              target_words=prompts["target_words"]), 0]
+                              target_words=prompts["target_words"], **model.get("blend", {})), 0]
     target = g.add("KSamplerAdvanced", "KSampler (edited)", model=edited_model, positive=positive,
                    negative=[negative, 0], latent_image=[invert, 0], **sampling)
     decoded = g.add("VAEDecode", "VAE Decode (edited)", samples=[target, 0], vae=[loader, 2])
