@@ -118,3 +118,26 @@ def test_preview_of_a_recomputing_store_reads_its_token_maps(tiny):
     assert 0 < mask.mean() < 1
     with pytest.raises(Exception, match="AttentionMapPreview: input 'layers': .*recomputes the source"):
         preview.execute(st, src, image, "red", f"level {st.map_level + 1}", 0.0, 1.0, 0.5)
+
+
+def test_recompute_edits_a_real_image_as_keep_does(tiny):
+    """Direct inversion: the recorded inputs lie on the trajectory, so the recomputed source is the
+    reconstruction, and P2P's and FPE's edits equal those of a store that keeps the attention."""
+    import edits
+
+    neg = tiny.encode("")
+    latent = tiny.encode_images(edits.case_images(edits.CASES[0], seed=9, batch=2))
+    noise, inv = tiny.node("DDIMInvert").execute(tiny.model, tiny.encode(SOURCE), neg, latent, tiny.steps,
+                                                 tiny.scheduler, 1.0).result
+    out = {}
+    for strategy in ("keep", "recompute"):
+        m, pos, st = tiny.node("AttentionStore").execute(tiny.model, tiny.clip, SOURCE, 1.0, "fpe", 1.0, "model dtype",
+                                                         True, inv, strategy).result
+        src = tiny.sample_from(m, pos, noise, neg)
+        p2p, tpos = tiny.node("P2PReplace").execute(tiny.model, tiny.clip, st, src, TARGET, 0.8, "", 0.4,
+                                                    "p2p_16").result
+        fpe = tiny.node("FPESelfAttnInject").execute(tiny.model, st, src, "fpe", 1.0).result[0]
+        out[strategy] = [tiny.sample_from(mm, tpos, noise, neg)["samples"] for mm in (p2p, fpe)]
+        assert st.mode == strategy
+    for kept, recomputed in zip(out["keep"], out["recompute"]):
+        torch.testing.assert_close(recomputed, kept, rtol=0, atol=1e-5)
