@@ -151,10 +151,11 @@ def main() -> None:
     for name, st in stores.items():
         kept, full = st.nbytes(), maps.get(name.split(",")[0], 0)
         per_step = kept / args.steps
-        print(f"  store after the source branch, {name:16s}: {kept / 2**20:9.1f} MiB ({per_step / 2**20:.2f} MiB/step, "
-              f"{50 * per_step / 2**30:.3f} GiB at 50 steps); every probability map of the same layers/steps (fp32): "
-              f"{full / 2**20:9.1f} MiB; store/maps {100 * kept / max(full, 1):.1f}%; attention kept "
-              f"{st.attention_nbytes() / 2**20:.1f} MiB")
+        vs_maps = f"{full / 2**20:9.1f} MiB; store/maps {100 * kept / full:.1f}%" if full else "(run keep to see)"
+        print(f"  store after the source branch, {name:16s}: {kept / 2**20:9.1f} MiB ({per_step / 2**20:.2f} MiB/step); "
+              f"attention kept {st.attention_nbytes() / 2**20:.1f} MiB; keeping it all would take "
+              f"{st.estimated_bytes / 2**20:.1f} MiB (first step x steps); every probability map of the same "
+              f"layers/steps (fp32): {vs_maps}")
     if not args.skip_real:
         print(f"  inversion trajectory: {inv.latents.numel() * inv.latents.element_size() / 2**20:.2f} MiB")
     print(f"  process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
