@@ -26,7 +26,7 @@ def store(tiny, strategy, budget_mb=2048, prompt=SOURCE, layers="all"):
                                                None, strategy, budget_mb).result
 
 
-def edits(tiny, st, src, sampler):
+def edits(tiny, st, src, sampler, only=None):
     """P2P replace (+ self-attention), + local blend, + re-weight, and FPE: the target latents."""
     node = tiny.node
     p2p, pos = node("P2PReplace").execute(tiny.model, tiny.clip, st, src, TARGET, 0.8, "", 0.4, "p2p_16").result
@@ -34,10 +34,11 @@ def edits(tiny, st, src, sampler):
     reweight = node("P2PReweight").execute(p2p, tiny.clip, st, src, TARGET, "blue=1.5", 0.8).result[0]
     fpe = node("FPESelfAttnInject").execute(tiny.model, st, src, "fpe", 1.0).result[0]
     return {name: tiny.sample(m, pos, seed=3, batch=2, sampler=sampler)["samples"]
-            for name, m in (("replace", p2p), ("blend", blend), ("reweight", reweight), ("fpe", fpe))}
+            for name, m in (("replace", p2p), ("blend", blend), ("reweight", reweight), ("fpe", fpe))
+            if only is None or name == only}
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun"])
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "heun"])  # euler: the real-image test below
 def test_recompute_gives_the_edits_that_keep_gives(tiny, sampler):
     results, stores = {}, {}
     for strategy in ("keep", "recompute"):
@@ -84,7 +85,7 @@ def test_auto_keeps_within_the_budget_and_recomputes_above_it(tiny):
     m, pos, st = store(tiny, "auto", budget_mb=1 << 16)
     src = tiny.sample(m, pos, seed=2, batch=2, sampler="heun")
     assert st.mode == "keep" and st.estimated_bytes > 0 and not st.inputs
-    keep_out = edits(tiny, st, src, "heun")["replace"]
+    keep_out = edits(tiny, st, src, "heun", only="replace")["replace"]
     kept = st.attention_nbytes()
     # heun evaluates twice per step: the first step's estimate is about half of what it keeps
     assert 0.4 * kept < st.estimated_bytes < 0.7 * kept, (st.estimated_bytes, kept)
@@ -97,7 +98,7 @@ def test_auto_keeps_within_the_budget_and_recomputes_above_it(tiny):
     m, pos, st = store(tiny, "auto", budget_mb=int(budget_mb))
     src = tiny.sample(m, pos, seed=2, batch=2, sampler="heun")
     assert st.mode == "recompute" and st.attention_nbytes() == 0, "outgrowing the budget half-way switches"
-    torch.testing.assert_close(edits(tiny, st, src, "heun")["replace"], keep_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(edits(tiny, st, src, "heun", only="replace")["replace"], keep_out, rtol=0, atol=1e-5)
 
 
 def test_recompute_refuses_conditioning_of_another_length(tiny):

@@ -12,6 +12,8 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
+
 
 import inproc
 
@@ -23,6 +25,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds per caption (48 captions)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--median", type=int, default=0,
+                    help="diagnostic: median-filter each image (this size) before classifying, to tell residual "
+                         "speckle from wrong shapes (the reported target figure uses no filter)")
     ap.add_argument("--ckpt", help="a TinySD checkpoint other than the shipped one (e.g. one being trained)")
     args = ap.parse_args()
     tiny = inproc.Tiny.load(steps=args.steps, cfg=args.cfg)
@@ -41,6 +46,10 @@ def main() -> None:
         text = f"a {colour} {shape}" + (f" on a {bg} background" if bg else "")
         imgs = tiny.images(tiny.sample(tiny.model, tiny.encode(text), seed=SEED_BASE + i, batch=args.seeds))
         for img in imgs:
+            if args.median:
+                from PIL import Image, ImageFilter
+                pil = Image.fromarray((img.clip(0, 1) * 255).astype("uint8")).filter(ImageFilter.MedianFilter(args.median))
+                img = np.asarray(pil, dtype=np.float32) / 255
             got = shapes.classify(img)
             n += 1
             hits["colour"] += got.colour == colour
@@ -52,7 +61,8 @@ def main() -> None:
                 bg_n += 1
                 hits["background"] += got.background == bg
     print(f"TinySD caption accuracy: {n} generations ({len(captions)} captions x {args.seeds} held-out seeds), "
-          f"{args.steps} euler steps, cfg {args.cfg}, {time.time() - t0:.0f} s")
+          f"{args.steps} euler steps, cfg {args.cfg}, {time.time() - t0:.0f} s"
+          + (f", images median-filtered ({args.median}x{args.median}) before classifying" if args.median else ""))
     print(f"  colour {hits['colour'] / n:.3f}  shape {hits['shape'] / n:.3f}  both {hits['both'] / n:.3f}  "
           f"background {hits['background'] / max(bg_n, 1):.3f} (of {bg_n} captions naming one)")
     print(f"  shape confusions: {dict(errors)}")
