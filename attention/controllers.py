@@ -203,11 +203,16 @@ class Recorder(Shared):
         return denoised
 
 
+def batched(c, batch: int) -> bool:
+    """A conditioning value with one row per batch row (c_crossattn, y, c_concat, ...)."""
+    return isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == batch
+
+
 def batch_rows(conds: dict, rows: slice, batch: int, previous: dict | None) -> dict:
     """The rows of every batched conditioning tensor (c_crossattn, y, c_concat ...); the previous
     step's dict when nothing changed, so a store keeps one copy of a prompt, not one per step."""
     picked = {name: c[rows].detach() for name, c in conds.items()
-              if isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == batch}
+              if batched(c, batch)}
     if previous is not None and previous.keys() == picked.keys() and all(
             previous[n].shape == c.shape and torch.equal(previous[n], c) for n, c in picked.items()):
         return previous
@@ -334,7 +339,7 @@ class Editor(Shared):
                               "both branches with the same sampler, steps and scheduler")
         conds = dict(kwargs, c_crossattn=c_crossattn, c_concat=c_concat)
         for name, c in conds.items():
-            if isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == x.shape[0]:
+            if batched(c, x.shape[0]):
                 src = [rec.conds[k].get(name) for k in keys]
                 if any(s is None or s.shape[1:] != c.shape[1:] for s in src):
                     raise RecordError(f"{self.node}: the source's '{name}' conditioning does not match the target's "

@@ -4,13 +4,16 @@
 2. injecting another seed's self-attention pulls the layout towards that seed: IoU of the
    target's shape mask with the other seed's rises well above the IoU of two unrelated seeds;
 3. cross-attention localises the colour and shape words on the shape (attention inside the
-   shape's mask / outside it, from the store's token maps).
+   shape's mask / outside it, from the store's token maps);
+4. local blend's mask from each word, at P2P's map level and at level 1, with P2P's settings
+   (threshold 0.3, 3x3 dilation) and with TinySD's (0.5, none): IoU with the shape's mask.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/eval_attention.py --batch 16
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import numpy as np
 import torch
@@ -70,6 +73,21 @@ def main() -> None:
                 ratios.append(mm[mask].mean() / max(mm[~mask].mean(), 1e-9))
         print(f"3. cross-attention of '{word}' (level-{store.map_level} layers): inside/outside the shape "
               f"= {np.median(ratios):.1f} (median of {len(ratios)})")
+
+    # 4. local blend's masks
+    inject = importlib.import_module(type(store).__module__.rsplit(".", 1)[0] + ".inject")
+    for level in ("auto", "level 1"):
+        m, pos_, st = tiny.node("AttentionStore").execute(tiny.model, tiny.clip, prompt, 1.0, "none", 1.0,
+                                                          "model dtype", token_map_level=level).result
+        out = tiny.sample(m, pos_, 5, args.batch)
+        shape_masks = [torch.from_numpy(shapes.classify(im).mask) for im in tiny.images(out)]
+        maps = st.cumulative_maps(st.num_steps)
+        for word in ("red", "circle"):
+            for threshold, dilate in ((0.3, 1), (0.5, 0)):
+                mask = inject.blend_mask(maps, st.prompt.positions(word), (128, 128), threshold, dilate=dilate)
+                ious = [shapes.iou(mk[0].bool().numpy(), sm.numpy()) for mk, sm in zip(mask, shape_masks)]
+                print(f"4. local-blend mask of '{word}', maps of level {st.map_level}, threshold {threshold}, "
+                      f"dilate {dilate}: IoU with the shape {np.mean(ious):.2f}, area {mask.mean().item():.2f}")
 
 
 if __name__ == "__main__":
