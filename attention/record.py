@@ -140,9 +140,6 @@ class SourceRecord:
             self.mode = self.spec.strategy if self.spec.strategy != "auto" else ("recompute" if over else "keep")
             if self.mode == "recompute":
                 self.drop_attention()
-        if self.spec.strategy == "keep":
-            self.inputs.clear()
-            self.conds.clear()
 
     def check_budget(self) -> None:
         """Under "auto", a run that outgrows the budget after all (e.g. a sampler that evaluates the
@@ -178,11 +175,9 @@ class SourceRecord:
         self._maps[(key, sk)] = token_maps(q, k, heads, hw, self.prompt.end + 1)
 
     def compute_maps(self) -> None:
-        from .inject import token_maps
         for (key, sk), q in self.map_q.items():
             if (key, sk) not in self._maps:
-                heads, hw = self.layer_hw[key]
-                self._maps[(key, sk)] = token_maps(q, self.map_k[key], heads, hw, self.prompt.end + 1)
+                self.map_tokens(key, sk, q, self.map_k[key])
 
     def cumulative_maps(self, step: int) -> torch.Tensor | None:
         return cumulative_maps(self.maps, self.sample_sigmas, step)
