@@ -81,15 +81,18 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
 def classify(image: np.ndarray) -> Classified:
     """Background from the border, shape mask by distance to it, colour and shape by simple rules.
 
-    Shape: the ideal circle, square or upright triangle drawn in the mask's bounding box that
-    overlaps the mask best.
+    The mask is the largest 4-connected region: a stray off-background cell elsewhere (a sample's
+    speckle) is not part of the shape.
+
+    Shape: the ideal circle, square or upright triangle, placed by the mask's moments, that overlaps
+    the mask best.
     """
     img = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg_rgb = np.median(border, axis=0)
     background = _nearest(bg_rgb, BACKGROUNDS)
     dist = np.linalg.norm(img - bg_rgb, axis=-1)
-    mask = dist > 0.25
+    mask = largest_component(dist > 0.25)
     if mask.sum() < img.shape[0] * img.shape[1] * 0.005:
         return Classified(None, None, background, mask)
     colour = _nearest(np.median(img[mask], axis=0), COLOURS)
@@ -98,17 +101,40 @@ def classify(image: np.ndarray) -> Classified:
     return Classified(colour, shape, background, mask)
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (label propagation, numpy only)."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        grown = labels.copy()
+        grown[1:] = np.maximum(grown[1:], labels[:-1])
+        grown[:-1] = np.maximum(grown[:-1], labels[1:])
+        grown[:, 1:] = np.maximum(grown[:, 1:], labels[:, :-1])
+        grown[:, :-1] = np.maximum(grown[:, :-1], labels[:, 1:])
+        grown *= mask
+        if np.array_equal(grown, labels):
+            break
+        labels = grown
+    if not mask.any():
+        return mask
+    ids, counts = np.unique(labels[mask], return_counts=True)
+    return labels == ids[np.argmax(counts)]
+
+
 def _templates(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Each candidate placed by the mask's moments (centre and spread), not its bounding box, so that
+    a one-cell spur at a corner barely moves it. Uniform shapes: an ellipse of semi-axis a has
+    variance a²/4, a rectangle of half-width h has h²/3, an upright triangle of base W and height H
+    has W²/24 across and H²/18 down, its centroid a third of H above the base."""
     ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    ys, xs = ys + 0.5, xs + 0.5
+    cy, cx, sy, sx = ys.mean(), xs.mean(), max(ys.std(), 0.5), max(xs.std(), 0.5)
     yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
-    cy, cx, ry, rx = (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2, (x1 - x0) / 2
-    inside = (yy >= y0) & (yy <= y1) & (xx >= x0) & (xx <= x1)
-    half_width = rx * (yy - y0) / max(y1 - y0, 1)  # apex at the top, base at the bottom
+    height, width = np.sqrt(18) * sy, np.sqrt(24) * sx
+    apex = cy - 2 * height / 3
     return {
-        "circle": ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1,
-        "square": inside,
-        "triangle": inside & (np.abs(xx - cx) <= half_width),
+        "circle": ((yy - cy) / (2 * sy)) ** 2 + ((xx - cx) / (2 * sx)) ** 2 <= 1,
+        "square": (np.abs(yy - cy) <= np.sqrt(3) * sy) & (np.abs(xx - cx) <= np.sqrt(3) * sx),
+        "triangle": (yy >= apex) & (yy <= apex + height) & (np.abs(xx - cx) <= width / 2 * (yy - apex) / height),
     }
 
 
