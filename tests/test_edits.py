@@ -65,15 +65,24 @@ def test_local_blend_keeps_everything_outside_the_mask_exactly(tiny):
     assert (unblended - src["samples"]).abs().max() > 1e-2
 
 
-def test_fpe_keeps_the_layout_better_than_the_seed_alone(tiny):
-    """Colour swap, 12 samples: FPE's shape masks overlap the source's clearly more than the
-    seed-only target's (tools/eval_edits.py, 50 samples: IoU 0.73 vs 0.60)."""
+def test_p2p_and_fpe_edit_and_keep_the_layout_far_better_than_the_seed_alone(tiny):
+    """Both colour swaps and a refine, 8 samples each, 20 steps: P2P (TinySD's schedule) and FPE read as
+    the target prompt and their shape masks overlap the source's far more than the seed-only target's.
+    tools/eval_edits.py, 50 samples per kind: success 0.92-0.98, IoU +0.14 to +0.23 over the seed. Over
+    seeds 31, 41, 51 and 61 these 24 samples gave success >= 0.83 and IoU >= seed + 0.15."""
+    import dataclasses
+
     import edits
 
-    case = edits.CASES[0]
-    rows = edits.run_case(tiny, case, seed=31, batch=12, methods=("seed only", "FPE"))
-    seed_only, fpe = (edits.summarise(rows[m])["iou"] for m in ("seed only", "FPE"))
-    assert fpe >= seed_only + 0.05, (seed_only, fpe)
+    tiny20 = dataclasses.replace(tiny, steps=20)
+    rows: dict[str, list] = {}
+    for case in (edits.CASES[0], edits.CASES[1], edits.CASES[4]):
+        for method, r in edits.run_case(tiny20, case, seed=31, batch=8, methods=("seed only", "P2P", "FPE")).items():
+            rows.setdefault(method, []).extend(r)
+    got = {m: edits.summarise(r) for m, r in rows.items()}
+    for method in ("P2P", "FPE"):
+        assert got[method]["success"] >= 0.8, (method, got)
+        assert got[method]["iou"] >= got["seed only"]["iou"] + 0.12, (method, got)
 
 
 def test_reweight_moves_the_words_effect_monotonically(tiny):
@@ -90,7 +99,7 @@ def test_reweight_moves_the_words_effect_monotonically(tiny):
 def test_local_blend_on_the_colour_words_keeps_the_background(tiny):
     """Colour swap, 8 samples, local blend on 'red'/'blue' at level 1 (TinySD's words localise at 8x8):
     the background outside the shapes stays much closer to the source than P2P alone keeps it
-    (tools/eval_edits.py, 20 samples: 32.0 vs 21.2 dB)."""
+    (tools/eval_edits.py, 50 samples: 32.8 vs 24.8 dB)."""
     import edits
 
     rows = edits.run_case(tiny, edits.CASES[0], seed=41, batch=8, methods=("P2P", "P2P + local blend"))

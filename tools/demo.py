@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                 titles[name] = REAL_DEMOS[name][1]
             else:
                 edit, source, target, inputs, blend = DEMOS[name]
+                if not args.ckpt and edit in ("replace", "refine", "local_blend"):
+                    inputs = {**graphs.TINYSD_P2P, **inputs}  # TinySD's P2P schedule (graphs.py says why)
                 g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=args.cfg, size=args.size,
                                       loader=loader, prefix=f"demo/{name}", edit_inputs=inputs, blend=blend,
                                       store={"token_map_level": "level 1"} if blend else None)  # TinySD's colour

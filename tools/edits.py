@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import graphs
 import inproc
 
 
@@ -24,6 +25,8 @@ class EditCase:
 # Local blend uses the colour words: on TinySD they sit on the shape at 8x8 (level 1; mask IoU with
 # the shape 0.84 at threshold 0.5), while its shape nouns do not localise (IoU 0.08).
 BLEND = {"token_map_level": "level 1", "threshold": 0.5, "dilate": 0}
+P2P_SD15 = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self_attention_layers": "p2p_16"}  # nodes' defaults
+P2P_TINYSD = graphs.TINYSD_P2P  # why it differs: tools/graphs.py
 CASES = [
     EditCase("colour", "a red circle", "a blue circle", "blue", "circle", blend_words="red|blue"),
     EditCase("colour", "a green square", "a yellow square", "yellow", "square", blend_words="green|yellow"),
@@ -32,7 +35,7 @@ CASES = [
     EditCase("refine", "a red circle", "a red circle on a black background", "red", "circle", "black"),
     EditCase("refine", "a yellow triangle", "a yellow triangle on a gray background", "yellow", "triangle", "gray"),
 ]
-METHODS = ("seed only", "P2P", "P2P + local blend", "FPE")
+METHODS = ("seed only", "P2P, SD1.5 defaults", "P2P", "P2P + local blend", "FPE")
 
 
 def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -49,14 +52,18 @@ def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=M
     import shapes
 
     store_node = tiny.node("AttentionStore")
-    src_model, src_pos, store = store_node.execute(tiny.model, tiny.clip, case.source, 1.0, "fpe", 1.0,
+    src_model, src_pos, store = store_node.execute(tiny.model, tiny.clip, case.source, 1.0, "all", 1.0,
                                                    "model dtype", token_map_level=blend["token_map_level"]).result
     source = tiny.sample(src_model, src_pos, seed, batch)
     src_imgs = tiny.images(source)
-    edit = tiny.node("P2PRefine" if case.kind == "refine" else "P2PReplace")
-    p2p_model, tgt_pos = edit.execute(tiny.model, tiny.clip, store, source, case.target, 0.8, "", 0.4,
-                                      "p2p_16").result
-    models = {"seed only": tiny.model, "P2P": p2p_model}
+    edit = tiny.node("P2PRefine" if case.kind == "refine" else "P2PReplace").execute
+    models = {"seed only": tiny.model}
+    if "P2P, SD1.5 defaults" in methods:
+        models["P2P, SD1.5 defaults"] = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
+                                             **P2P_SD15).result[0]
+    p2p_model, tgt_pos = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
+                              **P2P_TINYSD).result
+    models["P2P"] = p2p_model
     if "P2P + local blend" in methods and case.blend_words:
         s_words, _, t_words = case.blend_words.partition("|")
         models["P2P + local blend"] = tiny.node("P2PLocalBlend").execute(
@@ -94,14 +101,14 @@ def run_real_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int) -> d
     for method, source_prompt in (("P2P", case.source), ("FPE", "")):
         noise, inv = node("DDIMInvert").execute(tiny.model, tiny.encode(source_prompt), neg, latent, tiny.steps,
                                                 tiny.scheduler, 1.0).result
-        m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, source_prompt, 1.0, "fpe", 1.0,
+        m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0,
                                                            "model dtype", inversion=inv).result
         source = tiny.sample_from(m, src_pos, noise, neg)
         sources[method] = tiny.images(source)
         if method == "P2P":
             targets["seed only"] = tiny.sample_from(tiny.model, tgt_pos, noise, neg)
-            edited, _ = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target, 0.8, "", 0.4,
-                                                   "p2p_16").result
+            edited = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
+                                                **P2P_TINYSD).result[0]
         else:
             edited = node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
         targets[method] = tiny.sample_from(edited, tgt_pos, noise, neg)
@@ -114,17 +121,27 @@ def run_real_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int) -> d
 
 def _measure(shapes, case: EditCase, s_img: np.ndarray, img: np.ndarray) -> dict:
     s_cls, got = shapes.classify(s_img), shapes.classify(img)
-    ok = got.colour == case.colour and got.shape == case.shape
-    if case.background:
-        ok = ok and got.background == case.background
-    return {"success": ok, "iou": shapes.iou(s_cls.mask, got.mask),
-            "psnr_bg": psnr_outside(s_img, img, s_cls.mask | got.mask)}
+    right = {"colour": got.colour == case.colour, "shape": got.shape == case.shape,
+             "refine": got.background == case.background}
+    ok = right["colour"] and right["shape"] and (not case.background or right["refine"])
+    return {"success": ok, "edited": right[case.kind], "iou": shapes.iou(s_cls.mask, got.mask),
+            "shift": centre_shift(s_cls.mask, got.mask), "psnr_bg": psnr_outside(s_img, img, s_cls.mask | got.mask)}
+
+
+def centre_shift(a: np.ndarray, b: np.ndarray) -> float:
+    """Distance in pixels between two masks' centroids: where the object is, whatever its shape
+    (a shape swap cannot keep the mask, but it can keep the place)."""
+    if not a.any() or not b.any():
+        return float(np.hypot(*a.shape))
+    return float(np.hypot(*(np.argwhere(a).mean(0) - np.argwhere(b).mean(0))))
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
     ps = [r["psnr_bg"] for r in rows if np.isfinite(r["psnr_bg"])]
     return {"n": len(rows), "success": float(np.mean([r["success"] for r in rows])),
-            "iou": float(np.mean([r["iou"] for r in rows])), "psnr_bg": float(np.median(ps)) if ps else float("nan")}
+            "edited": float(np.mean([r["edited"] for r in rows])),
+            "iou": float(np.mean([r["iou"] for r in rows])), "shift": float(np.median([r["shift"] for r in rows])),
+            "psnr_bg": float(np.median(ps)) if ps else float("nan")}
 
 
 def reweight_sweep(tiny: inproc.Tiny, seed: int, batch: int, weights=(-2.0, -1.0, 0.0, 1.0, 2.0)):

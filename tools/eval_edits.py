@@ -1,7 +1,11 @@
 """Edit quality on TinySD through ComfyUI's sampler, per edit kind and method:
-edit success (classifier reads the target's colour/shape/background), structure preservation
-(IoU of source and edited shape masks) and background preservation (median PSNR outside both
-masks), for seed only (no injection), P2P (replace or refine), P2P + local blend, and FPE.
+- success: the classifier reads the target prompt in the edited image (its colour, its shape and,
+  for a refine, its background); "edited" asks only the attribute the edit changes;
+- structure preservation: IoU of the source's and the edited image's shape masks, and the median
+  shift of the mask's centre in pixels (a shape swap cannot keep the mask, but it can keep the place);
+- background preservation: median PSNR outside both masks;
+for seed only (no injection), P2P (replace or refine) with the nodes' SD1.5 defaults and with
+TinySD's schedule (tools/graphs.py TINYSD_P2P says why they differ), P2P + local blend, and FPE.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/eval_edits.py --batch 25
 """
@@ -27,11 +31,15 @@ def main() -> None:
                          "TinySD's (level 1, 0.5, none)")
     ap.add_argument("--kinds", default="colour,shape,refine")
     ap.add_argument("--ckpt", help="a TinySD checkpoint other than the shipped one")
+    ap.add_argument("--sampler", default="euler", help="a ComfyUI sampler name ('ddim' is euler)")
+    ap.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name")
+    ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    tiny = inproc.Tiny.load()
+    opts = dict(steps=args.steps, sampler=args.sampler, scheduler=args.scheduler)
+    tiny = inproc.Tiny.load(**opts)
     if args.ckpt:
         import tinysd
-        tiny = inproc.Tiny(*tinysd.load_checkpoint(args.ckpt))
+        tiny = inproc.Tiny(*tinysd.load_checkpoint(args.ckpt), **opts)
     if args.reweight_only:
         return reweight(tiny)
     results: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -47,12 +55,13 @@ def main() -> None:
         for method, rows in rows_by_method.items():
             results[(case.kind, method)] += rows
     what = "inverted rendered images (DDIM inversion, direct-inversion source)" if args.real else "samples"
-    print(f"Edits on TinySD, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} euler steps, cfg {tiny.cfg}, "
-          f"{time.time() - t0:.0f} s")
-    print(f"{'kind':8s} {'method':20s} {'n':>4s} {'success':>8s} {'IoU':>6s} {'bg PSNR':>8s}")
+    print(f"Edits on TinySD, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} {tiny.sampler} steps "
+          f"({tiny.scheduler}), cfg {tiny.cfg}, {time.time() - t0:.0f} s")
+    print(f"{'kind':8s} {'method':20s} {'n':>4s} {'success':>8s} {'edited':>7s} {'IoU':>6s} {'shift':>6s} {'bg PSNR':>8s}")
     for (kind, method), rows in results.items():
         s = edits.summarise(rows)
-        print(f"{kind:8s} {method:20s} {s['n']:4d} {s['success']:8.2f} {s['iou']:6.2f} {s['psnr_bg']:8.1f}")
+        print(f"{kind:8s} {method:20s} {s['n']:4d} {s['success']:8.2f} {s['edited']:7.2f} {s['iou']:6.2f} "
+              f"{s['shift']:6.1f} {s['psnr_bg']:8.1f}")
     if not args.real and args.kinds == "colour,shape,refine":
         reweight(tiny)
 

@@ -15,6 +15,12 @@ import copy
 TINYSD = {"class_type": "TinySDCheckpointLoader", "inputs": {}}
 SOURCE_SAVE, EDITED_SAVE, PLAIN_SAVE = "source_save", "edited_save", "plain_save"
 EDITS = ("replace", "refine", "reweight", "local_blend", "fpe")
+# P2P's schedule on TinySD; the nodes' defaults are the paper's SD1.5 values (cross-attention for 0.8 of
+# the steps, self-attention at <= 16² for 0.4). TinySD's latent is 16², so "<= 16² at 512 px" (level >= 2)
+# is 4² and 2² there, too coarse to hold a layout: its layout lives at 8² (level 1, p2p_32). Its 16²
+# cross-attention does not localise, so self-attention carries the structure for longer (0.8), and the
+# swapped word gets its own map sooner (0.6), or the old colour stays (tools/eval_edits.py measures both).
+TINYSD_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_attention_layers": "p2p_32"}
 
 
 def checkpoint_loader(ckpt_name: str) -> dict:

@@ -33,6 +33,8 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (see the README)
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import graphs  # noqa: E402
 WORKFLOWS = REPO / "workflows"
 FRONTEND_VERSION = "1.32.9"
 
@@ -70,7 +72,6 @@ def _node_info(nodes_module, node_class: str) -> dict:
 def object_info() -> dict:
     """GET /object_info of ComfyUI's core nodes (nodes.py) + this pack + the demo-model loader,
     in-process. comfy_extras are not loaded: the examples use core nodes only."""
-    sys.path.insert(0, str(REPO / "tools"))
     import comfyui_env
 
     path = comfyui_env.setup()
@@ -357,8 +358,10 @@ SD15 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name
         "size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
 TINYSD = {"loader": {"class_type": "TinySDCheckpointLoader", "inputs": {}},
           "size": 128, "steps": 20, "cfg": 5.0, "seed": 42,
-          # TinySD's colour words localise at 8x8 (level 1), not at P2P's 16x16; its shape nouns do not
-          "store": {"token_map_level": "level 1"}, "blend": {"threshold": 0.5, "dilate": 0}}
+          # TinySD's colour words localise at 8x8 (level 1), not at P2P's 16x16; its shape nouns do not.
+          # Its P2P schedule injects self-attention at 8x8 too (graphs.TINYSD_P2P says why): keep every layer.
+          "store": {"token_map_level": "level 1", "self_attention_layers": "all"},
+          "blend": {"threshold": 0.5, "dilate": 0}, "p2p": graphs.TINYSD_P2P}
 
 # name -> (edit, sd15 prompts/settings, tinysd prompts/settings)
 EXAMPLES = {
@@ -414,7 +417,7 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> dict:
     else:
         node = {"replace": "P2PReplace", "local_blend": "P2PReplace", "refine": "P2PRefine",
                 "reweight": "P2PReweight"}[edit]
-        extra = {"weights": prompts["weights"]} if edit == "reweight" else {}
+        extra = {"weights": prompts["weights"]} if edit == "reweight" else model.get("p2p", {})
         edit_id = g.add(node, **link, clip=[loader, 1], target_prompt=prompts["target"], **extra)
         positive, edited_model = [edit_id, 1], [edit_id, 0]
         if edit == "local_blend":
@@ -466,7 +469,7 @@ def real_graph(edit: str, prompts: dict, model: dict) -> dict:
         edited_model = [g.add("FPESelfAttnInject", **link), 0]
         positive = [g.add("CLIPTextEncode", "Target prompt", text=prompts["target"], clip=[loader, 1]), 0]
     else:
-        edit_id = g.add("P2PReplace", **link, clip=[loader, 1], target_prompt=prompts["target"])
+        edit_id = g.add("P2PReplace", **link, clip=[loader, 1], target_prompt=prompts["target"], **model.get("p2p", {}))
         positive = [edit_id, 1]
         edited_model = [g.add("P2PLocalBlend", model=[edit_id, 0], source_words=prompts["source_words"],
                               target_words=prompts["target_words"], **model.get("blend", {})), 0]
