@@ -128,6 +128,17 @@ def _measure(shapes, case: EditCase, s_img: np.ndarray, img: np.ndarray) -> dict
             "shift": centre_shift(s_cls.mask, got.mask), "psnr_bg": psnr_outside(s_img, img, s_cls.mask | got.mask)}
 
 
+def ideal_iou(case: EditCase) -> float:
+    """IoU of the source's and the target's shape drawn at the same place and size: what a perfect
+    shape swap scores on structure (a circle and a square of equal area overlap at 0.83)."""
+    import shapes
+
+    colour, shape = case.source.split()[1:3]
+    spec = shapes.ShapeSpec(colour, shape, "white", cx=64, cy=64, radius=36)
+    a, b = (shapes.classify(shapes.render(dataclasses.replace(spec, shape=s))).mask for s in (shape, case.shape))
+    return shapes.iou(a, b)
+
+
 def centre_shift(a: np.ndarray, b: np.ndarray) -> float:
     """Distance in pixels between two masks' centroids: where the object is, whatever its shape
     (a shape swap cannot keep the mask, but it can keep the place)."""

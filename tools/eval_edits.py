@@ -62,6 +62,10 @@ def main() -> None:
         s = edits.summarise(rows)
         print(f"{kind:8s} {method:20s} {s['n']:4d} {s['success']:8.2f} {s['edited']:7.2f} {s['iou']:6.2f} "
               f"{s['shift']:6.1f} {s['psnr_bg']:8.1f}")
+    swaps = [c for c in edits.CASES if c.kind == "shape" and "shape" in args.kinds.split(",")]
+    if swaps:
+        print("a perfect shape swap's IoU (both shapes at the same place and size): "
+              + ", ".join(f"{c.source} -> {c.target} {edits.ideal_iou(c):.2f}" for c in swaps))
     if not args.real and args.kinds == "colour,shape,refine":
         reweight(tiny)
 
