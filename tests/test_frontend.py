@@ -15,7 +15,8 @@ out of the API prompt, e.g. control_after_generate and LoadImage's upload button
 still stores it, so those widgets are compared too.)
 
 Needs a Chromium binary (Debian: `apt-get install -y chromium`); skipped without one.
-Also writes docs/frontend_workflow.png (the TinySD prompt-to-prompt replace demo in the editor).
+Also writes out/frontend_workflow.png (the TinySD prompt-to-prompt replace demo in the editor; the
+README shows a copy in docs/), so that running the tests leaves the checkout clean.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from browser import Browser, find_chromium  # noqa: E402
 
 WORKFLOWS = sorted(REPO.glob("workflows/*.json")) + sorted(REPO.glob("workflows/demo/*.json"))
 SCREENSHOT_WORKFLOW = REPO / "workflows" / "demo" / "p2p_replace_tinysd.json"
-SCREENSHOT = REPO / "docs" / "frontend_workflow.png"
+SCREENSHOT = REPO / "out" / "frontend_workflow.png"
 # Combo values that may be absent from the server's options: the SD1.5 checkpoint is not shipped.
 ABSENT_OK = {("CheckpointLoaderSimple", "ckpt_name", "v1-5-pruned-emaonly.safetensors")}
 
@@ -174,7 +175,7 @@ def problems(workflow: dict, state: dict, errors: list[dict]) -> list[str]:
 
 
 def test_screenshot(page):
-    """The TinySD prompt-to-prompt replace demo in the editor, fitted to view: docs/frontend_workflow.png."""
+    """The TinySD prompt-to-prompt replace demo in the editor, fitted to view: out/frontend_workflow.png."""
     workflow, state, errors = load(page, SCREENSHOT_WORKFLOW)
     assert not problems(workflow, state, errors)
     page.evaluate("""(async () => {
