@@ -22,7 +22,7 @@ def store(tiny, prompt, layers="all", cross=1.0):
     return tiny.node("AttentionStore").execute(tiny.model, tiny.clip, prompt, cross, layers, 1.0, "model dtype").result
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde"])
 def test_injecting_own_maps_reproduces_plain_sample(tiny, sampler):
     """source == target, every layer's self and cross maps injected for every step: same latent."""
     prompt = "a green triangle"

@@ -38,7 +38,7 @@ def edits(tiny, st, src, sampler, only=None):
             if only is None or name == only}
 
 
-@pytest.mark.parametrize("sampler", ["euler_ancestral", "heun"])  # euler: the real-image test below
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "heun", "dpmpp_sde"])  # euler: the real-image test below
 def test_recompute_gives_the_edits_that_keep_gives(tiny, sampler):
     results, stores = {}, {}
     for strategy in ("keep", "recompute"):
