@@ -7,7 +7,7 @@
 for seed only (no injection), P2P (replace or refine) with the nodes' SD1.5 defaults and with
 TinySD's schedule (tools/graphs.py TINYSD_P2P says why they differ), P2P + local blend, and FPE.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_edits.py --batch 25
+    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_edits.py --batch 50
 """
 from __future__ import annotations
 
