@@ -1,7 +1,9 @@
 """What an edit costs, in one process and one run, side by side with one plain generation:
 
 - plain generation (KSampler);
-- P2P replace edit: source branch (AttentionStore keeping what P2PReplace's defaults need) + target;
+- P2P replace edit: source branch (AttentionStore keeping what the P2P schedule needs) + target; the
+  schedule is the nodes' defaults (SD1.5's), or on TinySD its own (graphs.TINYSD_P2P: self-attention at
+  8x8 for 0.8 of the steps, more injection than the defaults);
 - FPE edit: source branch (AttentionStore keeping self-attention of the fpe layers only) + target;
 - both again with AttentionStore's strategy "recompute" (the store keeps only the source's
   latent-sized inputs; the target re-runs the source beside itself while it injects);
@@ -22,7 +24,10 @@ import time
 
 import torch
 
+import graphs
 import inproc
+
+P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self_attention_layers": "p2p_16"}
 
 
 class Bench:
@@ -79,12 +84,16 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each measurement (the mean is reported)")
     ap.add_argument("--strategies", default="keep,recompute", help="AttentionStore strategies to time")
+    ap.add_argument("--p2p-schedule", choices=["auto", "defaults", "tinysd"], default="auto",
+                    help="P2P's schedule: the nodes' defaults or TinySD's (auto: TinySD's on TinySD)")
     ap.add_argument("--skip-real", action="store_true", help="skip the real-image edit and the inversions")
     ap.add_argument("--null-text-steps", type=int, default=10,
                     help="null-text inner steps (0: skip null-text, e.g. for SD1.5 at 512 px on a CPU)")
     args = ap.parse_args()
     size = args.size or (128 if args.model == "tinysd" else 512)
     b = Bench(args.model, size, args.steps, args.cfg)
+    tinysd_schedule = args.p2p_schedule == "tinysd" or (args.p2p_schedule == "auto" and args.model == "tinysd")
+    sched = graphs.TINYSD_P2P if tinysd_schedule else P2P_DEFAULTS
     src_prompt, tgt_prompt = ("a red circle", "a blue circle") if args.model == "tinysd" else \
         ("a cat riding a bicycle", "a cat riding a car")
     pos, tgt = b.encode(src_prompt), b.encode(tgt_prompt)
@@ -98,10 +107,11 @@ def main() -> None:
 
         for strategy in args.strategies.split(","):
             def p2p():
-                m, spos, st = b.store(src_prompt, "p2p_16", 0.4, 0.8, strategy=strategy)
+                m, spos, st = b.store(src_prompt, sched["self_attention_layers"], sched["self_attention_until"],
+                                      sched["cross_attention_until"], strategy=strategy)
                 src = b.sample(m, spos)
-                em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, 0.8, "", 0.4,
-                                                        "p2p_16").result
+                em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, word_schedules="",
+                                                        **sched).result
                 b.sample(em, epos)
                 return st
             stores[f"P2P, {strategy}"], t = timed(p2p)
@@ -140,7 +150,8 @@ def main() -> None:
     plain = mean["plain generation"]
     dev = str(torch.device(b.model.load_device))
     print(f"benchmark: {args.model}, {size}x{size} px, {args.steps} euler steps, cfg {args.cfg}, {dev}, "
-          f"torch threads {torch.get_num_threads()}, mean of {args.repeat} runs")
+          f"torch threads {torch.get_num_threads()}, mean of {args.repeat} runs; P2P schedule "
+          f"{'TinySD' if tinysd_schedule else 'defaults'} {sched}")
     for k, v in mean.items():
         print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain")
     if "null-text inversion" in mean:
