@@ -125,3 +125,13 @@ def test_local_blend_on_the_colour_words_keeps_the_background(tiny):
     rows = edits.run_case(tiny, edits.CASES[0], seed=41, batch=8, methods=("P2P", "P2P + local blend"))
     p2p, blend = (edits.summarise(rows[m])["psnr_bg"] for m in ("P2P", "P2P + local blend"))
     assert blend >= p2p + 5.0, (p2p, blend)
+
+
+def test_graph_defaults_are_the_nodes_defaults(tiny):
+    """tools/graphs.P2P_DEFAULTS (used by the demo, the eval and the benchmark for "the nodes' defaults")
+    must not drift from what P2PReplace and P2PRefine offer a user."""
+    import graphs
+
+    for name in ("P2PReplace", "P2PRefine"):
+        inputs = {i.id: i.default for i in tiny.node(name).define_schema().inputs if hasattr(i, "default")}
+        assert {k: inputs[k] for k in graphs.P2P_DEFAULTS} == graphs.P2P_DEFAULTS, name

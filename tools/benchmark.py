@@ -27,8 +27,6 @@ import torch
 import graphs
 import inproc
 
-P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self_attention_layers": "p2p_16"}
-
 
 class Bench:
     """The model under test as an inproc.Tiny (its encode/sample helpers), whatever its kind."""
@@ -93,7 +91,7 @@ def main() -> None:
     size = args.size or (128 if args.model == "tinysd" else 512)
     b = Bench(args.model, size, args.steps, args.cfg)
     tinysd_schedule = args.p2p_schedule == "tinysd" or (args.p2p_schedule == "auto" and args.model == "tinysd")
-    sched = graphs.TINYSD_P2P if tinysd_schedule else P2P_DEFAULTS
+    sched = graphs.TINYSD_P2P if tinysd_schedule else graphs.P2P_DEFAULTS
     src_prompt, tgt_prompt = ("a red circle", "a blue circle") if args.model == "tinysd" else \
         ("a cat riding a bicycle", "a cat riding a car")
     pos, tgt = b.encode(src_prompt), b.encode(tgt_prompt)

@@ -25,7 +25,6 @@ class EditCase:
 # Local blend uses the colour words: on TinySD they sit on the shape at 8x8 (level 1; mask IoU with
 # the shape 0.82 at threshold 0.5), while its shape nouns do not localise (IoU 0.09).
 BLEND = {"token_map_level": "level 1", "threshold": 0.5, "dilate": 0}
-P2P_SD15 = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self_attention_layers": "p2p_16"}  # nodes' defaults
 CASES = [
     EditCase("colour", "a red circle", "a blue circle", "blue", "circle", blend_words="red|blue"),
     EditCase("colour", "a green square", "a yellow square", "yellow", "square", blend_words="green|yellow"),
@@ -59,7 +58,7 @@ def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=M
     models = {"seed only": tiny.model}
     if "P2P, SD1.5 defaults" in methods:
         models["P2P, SD1.5 defaults"] = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
-                                             **P2P_SD15).result[0]
+                                             **graphs.P2P_DEFAULTS).result[0]
     p2p_model, tgt_pos = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
                               **graphs.TINYSD_P2P).result
     models["P2P"] = p2p_model

@@ -15,6 +15,7 @@ import copy
 TINYSD = {"class_type": "TinySDCheckpointLoader", "inputs": {}}
 SOURCE_SAVE, EDITED_SAVE, PLAIN_SAVE = "source_save", "edited_save", "plain_save"
 EDITS = ("replace", "refine", "reweight", "local_blend", "fpe")
+P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self_attention_layers": "p2p_16"}  # the nodes'
 # P2P's schedule on TinySD; the nodes' defaults are the paper's SD1.5 values (cross-attention for 0.8 of
 # the steps, self-attention at <= 16² for 0.4). TinySD's latent is 16², so "<= 16² at 512 px" (level >= 2)
 # is 4² and 2² there, too coarse to hold a layout: its layout lives at 8² (level 1, p2p_32). Its 16²
@@ -97,9 +98,7 @@ def edit_graph(edit: str, source_prompt: str, target_prompt: str, seed: int, *, 
         else:
             default_node = "P2PRefine" if edit == "refine" else "P2PReplace"
             node = extra.pop("node", default_node)
-            g["edit"] = _node(node, **link, **{"cross_attention_until": 0.8, "word_schedules": "",
-                                               "self_attention_until": 0.4, "self_attention_layers": "p2p_16",
-                                               **extra})
+            g["edit"] = _node(node, **link, **{"word_schedules": "", **P2P_DEFAULTS, **extra})
         model, positive = ["edit", 0], ["edit", 1]
         if edit == "local_blend":
             g["blend"] = _node("P2PLocalBlend", model=model, **{"source_words": "circle", "target_words": "circle",
