@@ -65,21 +65,27 @@ def test_local_blend_keeps_everything_outside_the_mask_exactly(tiny):
     assert (unblended - src["samples"]).abs().max() > 1e-2
 
 
+def pooled(tiny, cases, methods, seed=31, batch=8) -> dict[str, dict]:
+    """The eval's measures (tools/edits.py) per method, pooled over `cases`, at the eval's 20 steps."""
+    import dataclasses
+
+    import edits
+
+    rows: dict[str, list] = {}
+    for case in cases:
+        for method, r in edits.run_case(dataclasses.replace(tiny, steps=20), case, seed, batch, methods).items():
+            rows.setdefault(method, []).extend(r)
+    return {m: edits.summarise(r) for m, r in rows.items()}
+
+
 def test_p2p_and_fpe_edit_and_keep_the_layout_far_better_than_the_seed_alone(tiny):
     """Both colour swaps and a refine, 8 samples each, 20 steps: P2P (TinySD's schedule) and FPE read as
     the target prompt and their shape masks overlap the source's far more than the seed-only target's.
     tools/eval_edits.py, 50 samples per kind: success 0.92-0.98, IoU +0.14 to +0.23 over the seed. Over
     seeds 31, 41, 51 and 61 these 24 samples gave success >= 0.83 and IoU >= seed + 0.15."""
-    import dataclasses
-
     import edits
 
-    tiny20 = dataclasses.replace(tiny, steps=20)
-    rows: dict[str, list] = {}
-    for case in (edits.CASES[0], edits.CASES[1], edits.CASES[4]):
-        for method, r in edits.run_case(tiny20, case, seed=31, batch=8, methods=("seed only", "P2P", "FPE")).items():
-            rows.setdefault(method, []).extend(r)
-    got = {m: edits.summarise(r) for m, r in rows.items()}
+    got = pooled(tiny, (edits.CASES[0], edits.CASES[1], edits.CASES[4]), ("seed only", "P2P", "FPE"))
     for method in ("P2P", "FPE"):
         assert got[method]["success"] >= 0.8, (method, got)
         assert got[method]["iou"] >= got["seed only"]["iou"] + 0.12, (method, got)
@@ -90,16 +96,10 @@ def test_p2p_shape_swap_keeps_the_place_of_the_shape(tiny):
     mask cannot stay (a perfect circle -> square swap has IoU 0.83, triangle -> circle 0.53), but the
     centre stays. tools/eval_edits.py, 100 samples: success 0.89, centre shift 7.5 -> 3.6 px. Over seeds
     31, 41, 51 and 61: success >= 0.88, IoU >= seed + 0.05, shift <= 0.53 x the seed's."""
-    import dataclasses
-
     import edits
 
-    rows: dict[str, list] = {}
-    for case in (edits.CASES[2], edits.CASES[3]):
-        for method, r in edits.run_case(dataclasses.replace(tiny, steps=20), case, seed=31, batch=8,
-                                        methods=("seed only", "P2P")).items():
-            rows.setdefault(method, []).extend(r)
-    seed_only, p2p = (edits.summarise(rows[m]) for m in ("seed only", "P2P"))
+    got = pooled(tiny, (edits.CASES[2], edits.CASES[3]), ("seed only", "P2P"))
+    seed_only, p2p = got["seed only"], got["P2P"]
     assert p2p["success"] >= 0.8, p2p
     assert p2p["iou"] >= seed_only["iou"] + 0.03, (seed_only, p2p)
     assert p2p["shift"] <= 0.7 * seed_only["shift"], (seed_only, p2p)
