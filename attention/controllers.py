@@ -7,16 +7,19 @@ clone, and a copy must keep pointing at the same record.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .inversion import Trajectory, anchored_denoised
-from .inject import AttentionFn, Job, blend_mask, cross_edit_jobs, run_jobs, sdpa, token_maps
+from .inject import (AttentionFn, Job, cross_edit_jobs, edited_maps, expand_columns, expand_mapper,
+                     key_layout, run_jobs, sdpa, token_maps, words_mask)
 from .layers import AttentionLayer
 from .record import COND, RecordError, SourceRecord, cumulative_maps
 from .schedule import StepRange, sigma_key, step_index
-from .tokens import MAX_TOKENS, Prompt
+from .tokens import Prompt
 
 
 LIVE_SOURCE = "attention_edit_live_source"  # transformer_options: leading chunks that are the recomputed source
@@ -125,13 +128,13 @@ class Recorder(Shared):
     def __init__(self, record: SourceRecord, attention: AttentionFn = sdpa):
         self.record, self.attention = record, attention
         self.occurrences = Occurrences()
-        self.last_cond: dict[int, tuple] = {}  # cond_or_uncond -> key of its last kept conditioning
+        self.last_cond: str | None = None  # key of the last kept conditioning
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
-        self.occurrences, self.last_cond = Occurrences(), {}
+        self.occurrences, self.last_cond = Occurrences(), None
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record.mode == "pending":
             self.record.decide()
@@ -141,14 +144,17 @@ class Recorder(Shared):
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         """Keeps the model's inputs (latent-sized) while the store may recompute the source later."""
         rec = self.record
+        check_whole_latent(x, rec.latent_shape, "AttentionStore")
         if rec.sample_sigmas is not None and rec.spec.strategy != "keep":
             sigma = float(torch.as_tensor(t).flatten()[0])
             conds = dict(kwargs, c_crossattn=c_crossattn, c_concat=c_concat)
             for cou, rows in chunks(transformer_options, x.shape[0]):
+                if cou != COND:  # the edits read the conditional half only
+                    continue
                 sk = self.occurrences.key(sigma, "input", cou)
-                rec.inputs[(sk, cou)] = x[rows].detach()
-                rec.conds[(sk, cou)] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond.get(cou)))
-                self.last_cond[cou] = (sk, cou)
+                rec.inputs[sk] = x[rows].detach()
+                rec.conds[sk] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond))
+                self.last_cond = sk
             rec.has_control |= control is not None
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
@@ -168,10 +174,12 @@ class Recorder(Shared):
                     rec.layer_hw.setdefault(key, (extra["n_heads"], hw))
                     rec.map_tokens(key, sk, q[rows], k[rows])
                 continue
+            if cou != COND:  # P2P and FPE edit the conditional half only
+                continue
             if patch.kind == "attn1":
                 if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
-                    rec.self_qk[(key, sk, cou)] = (rec.keep(q[rows]), rec.keep(k[rows]))
-            elif cou == COND:
+                    rec.self_qk[(key, sk)] = (rec.keep(q[rows]), rec.keep(k[rows]))
+            else:
                 kept = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
                     kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
@@ -233,24 +241,48 @@ def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, no
                           "KSamplerAdvanced with add_noise 'disable' (or SamplerCustom with add_noise off)")
 
 
+def check_whole_latent(x: torch.Tensor, latent_shape, node: str) -> None:
+    """Area conditioning (ConditioningSetArea) runs the model on a crop, where the source's maps
+    of the whole image have no meaning."""
+    if latent_shape is not None and tuple(x.shape[-2:]) != tuple(latent_shape[-2:]):
+        raise RecordError(f"{node}: the model was called on a {tuple(x.shape[-2:])} crop of the {tuple(latent_shape[-2:])} "
+                          "latent (area conditioning such as ConditioningSetArea): attention editing needs conditioning "
+                          "of the whole image; use ConditioningSetMask (set_cond_area 'default') instead, or drop the area")
+
+
 @dataclass
 class CrossEdit:
-    """P2P's cross-attention edit for the target prompt (see inject.edit_cross_attention)."""
-    mapper: torch.Tensor  # (n_src, n_tgt)
-    aligned: torch.Tensor  # (n_tgt,) 1 where the target token takes the source's map
-    steps: StepRange  # default injection range
+    """P2P's cross-attention edit for the target prompt (see inject.cross_edit_jobs)."""
+    mapper: torch.Tensor  # (T_src, T_tgt)
+    aligned: torch.Tensor  # (T_tgt,) g: 1 where the target token has a source counterpart
+    steps: StepRange  # default injection range (P2P's cross rule)
     word_steps: dict[int, StepRange] = field(default_factory=dict)  # target position -> range
-    equalizer: torch.Tensor | None = None  # (n_tgt,) re-weighting c, 1 elsewhere
+    equalizer: torch.Tensor | None = None  # (T_tgt,) re-weighting c, 1 elsewhere
 
-    def alpha(self, step: int, num_steps: int) -> torch.Tensor:
-        a = self.aligned * float(self.steps.active(step, num_steps))
+    def window(self, step: int, num_steps: int) -> torch.Tensor:
+        """t: 1 for the target tokens whose injection window holds this step."""
+        t = torch.full_like(self.aligned, float(self.steps.active(step, num_steps)))
         for pos, rng in self.word_steps.items():
-            a[pos] = self.aligned[pos] * float(rng.active(step, num_steps))
-        return a
+            t[pos] = float(rng.active(step, num_steps))
+        return t
+
+    def weights(self, step: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ws, wt): M_new = (M_src A) diag(ws) + M_tgt diag(wt), as P2P's controllers compose it:
+        inside the window the aligned tokens take the source's map and every column is re-weighted."""
+        t, g = self.window(step, num_steps), self.aligned
+        c = self.equalizer if self.equalizer is not None else torch.ones_like(g)
+        return t * g * c, 1 - t + t * (1 - g) * c
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return bool(self.window(step, num_steps).any())
+
+
+COMBINE = ("intersect", "union", "mask only")  # how a local blend's MASK meets the words' mask
 
 
 @dataclass
 class LocalBlend:
+    """P2P's local blend: outside the edited words' region the target is the source."""
     source_positions: list[int]
     target_positions: list[int]
     threshold: float = 0.3
@@ -258,6 +290,28 @@ class LocalBlend:
     subtract_source: list[int] = field(default_factory=list)
     subtract_target: list[int] = field(default_factory=list)
     dilate: int = 1  # max-pool radius in map cells (P2P: 1, on 16x16 maps)
+    region: torch.Tensor | None = None  # a MASK (B or 1, H, W) in [0, 1]: where the image may change
+    combine: str = "intersect"  # how `region` meets the words' mask: "intersect" | "union" | "mask only"
+
+    @property
+    def needs_target_maps(self) -> bool:
+        return self.region is None or self.combine != "mask only" or bool(self.subtract_target)
+
+    def mask(self, source_maps: torch.Tensor, target_maps: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1]: 1 where the target may differ from the source. The words' mask
+        meets `region` by `combine`; the subtracted words' region stays the source in any case."""
+        out = None
+        if self.region is None or self.combine != "mask only":
+            out = words_mask(source_maps, target_maps, self.source_positions, self.target_positions, size,
+                             self.threshold, self.dilate).float()
+        if self.region is not None:
+            region = F.interpolate(self.region[:, None].float().to(source_maps.device), size=size, mode="bilinear",
+                                   align_corners=False)
+            out = region if out is None else (torch.minimum if self.combine == "intersect" else torch.maximum)(out, region)
+        if self.subtract_source or self.subtract_target:
+            out = out * ~words_mask(source_maps, target_maps, self.subtract_source, self.subtract_target, size,
+                                    self.threshold)
+        return out
 
 
 class Editor(Shared):
@@ -270,8 +324,7 @@ class Editor(Shared):
         self.record, self.run_id, self.cross, self.blend = record, run_id, cross, blend
         self.self_layers, self.self_steps, self.node, self.attention = self_layers, self_steps, node, attention
         self.target = target  # the target prompt (None: FPE, which has no prompt of its own)
-        self.map_tokens = (target.end if target is not None else MAX_TOKENS - 1) + 1
-        self.maps: dict[str, torch.Tensor] = {}  # this run's own token maps (local blend)
+        self.maps: dict[str, torch.Tensor] = {}  # this run's edited token maps (local blend)
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()
 
@@ -316,20 +369,21 @@ class Editor(Shared):
     # -- attention ------------------------------------------------------------------------------
     def needs_source(self, step: int) -> bool:
         n = self.record.num_steps
-        cross = self.cross is not None and bool(self.cross.alpha(step, n).any())
+        cross = self.cross is not None and self.cross.active(step, n)
         return cross or (bool(self.self_layers) and self.self_steps.active(step, n))
 
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        """Recompute strategy: while injecting, the source's recorded inputs run in the same batch,
-        first, so every patched layer sees the source's queries and keys live; the target's rows
-        are returned. Other steps run as they are."""
+        """Recompute strategy: while injecting, the source's recorded inputs of the conditional half
+        run in the same batch, first, so every patched layer sees the source's queries and keys
+        live; the target's rows are returned. Other steps run as they are."""
         rec = self.record
+        check_whole_latent(x, rec.latent_shape, self.node)
         if not rec.recompute or self.sample_sigmas is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         sigma = float(torch.as_tensor(t).flatten()[0])
-        parts = chunks(transformer_options, x.shape[0])
-        keys = [(self.occurrences.key(sigma, "input", cou), cou) for cou, _ in parts]
-        if not self.needs_source(self.occurrences.step(sigma, rec.sample_sigmas)):
+        parts = [(cou, rows) for cou, rows in chunks(transformer_options, x.shape[0]) if cou == COND]
+        keys = [self.occurrences.key(sigma, "input", cou) for cou, _ in parts]
+        if not parts or not self.needs_source(self.occurrences.step(sigma, rec.sample_sigmas)):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if control is not None:
             raise RecordError(f"{self.node}: the attention store recomputes the source (AttentionStore's strategy/"
@@ -341,17 +395,22 @@ class Editor(Shared):
         for name, c in conds.items():
             if batched(c, x.shape[0]):
                 src = [rec.conds[k].get(name) for k in keys]
+                if name == "c_crossattn" and all(s is not None for s in src):  # as ComfyUI batches prompts
+                    src, c = repeat_to_common_length(src, c)                    # of different lengths
                 if any(s is None or s.shape[1:] != c.shape[1:] for s in src):
-                    raise RecordError(f"{self.node}: the source's '{name}' conditioning does not match the target's "
-                                      f"{tuple(c.shape[1:])} (prompts of different token lengths?): keep both prompts "
-                                      "under 75 tokens, or set AttentionStore's strategy to 'keep'")
+                    raise RecordError(f"{self.node}: the source's '{name}' conditioning {tuple(src[0].shape[1:])} "
+                                      f"cannot be batched with the target's {tuple(c.shape[1:])}: set AttentionStore's "
+                                      "strategy to 'keep'")
                 conds[name] = torch.cat([self._source(s, c[rows]) for s, (_, rows) in zip(src, parts)] + [c])
         xs = torch.cat([self._source(rec.inputs[k], x[rows]) for k, (_, rows) in zip(keys, parts)] + [x])
-        opts = dict(transformer_options, cond_or_uncond=[cou for cou, _ in parts] * 2, **{LIVE_SOURCE: len(parts)})
+        cou_all = [COND] * len(parts) + list(transformer_options["cond_or_uncond"])
+        opts = dict(transformer_options, cond_or_uncond=cou_all, **{LIVE_SOURCE: len(parts)})
         if "uuids" in opts:
-            opts["uuids"] = list(opts["uuids"]) * 2
-        out = executor(xs, torch.cat([t, t]), conds.pop("c_concat"), conds.pop("c_crossattn"), None, opts, **conds)
-        return out[x.shape[0]:]
+            opts["uuids"] = list(opts["uuids"])[:len(parts)] + list(opts["uuids"])
+        per = x.shape[0] // len(transformer_options["cond_or_uncond"])
+        ts = torch.cat([t[:per]] * len(parts) + [t]) if t.dim() else t
+        out = executor(xs, ts, conds.pop("c_concat"), conds.pop("c_crossattn"), None, opts, **conds)
+        return out[len(parts) * per:]
 
     def _missing_live_source(self, sigma: float) -> None:
         if self.record.recompute:
@@ -359,44 +418,56 @@ class Editor(Shared):
                               "(another node evaluates the UNet outside ComfyUI's apply_model?): set "
                               "AttentionStore's strategy to 'keep'")
 
+    def _cross(self, patch: LayerPatch, sk: str, sigma: float, step: int, qc, kc, vc, live_qk, extra) -> list[Job] | None:
+        """The cross-attention edit of the conditional chunk, and its edited token maps for local blend."""
+        rec, cross, heads = self.record, self.cross, extra["n_heads"]
+        active = cross is not None and cross.active(step, rec.num_steps)
+        jobs, q_s, k_s = None, None, None
+        if active:
+            q_s, k_s = live_qk or (rec.cross_q.get((patch.layer.key, sk)), rec.cross_k.get(patch.layer.key))
+            if q_s is None or k_s is None:
+                self._missing_live_source(sigma)
+                raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
+                                  f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
+                                  "cross_attention_until) or inject for fewer steps")
+            q_s, k_s = self._source(q_s, qc), self._source(k_s, kc)
+            ws, wt = cross.weights(step, rec.num_steps)
+            lay_s, lay_t = key_layout(k_s, rec.prompt.length), key_layout(kc, self.target.length)
+            jobs = cross_edit_jobs(qc, kc, vc, q_s, k_s, expand_mapper(cross.mapper, lay_s, lay_t),
+                                   expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
+        if self.blend is not None and patch.layer.level == rec.map_level:
+            hw = spatial_hw(extra, qc.shape[1])
+            m = token_maps(qc, kc, heads, hw, self.target.length)
+            if active:  # P2P's local blend reads the map after the edit
+                m = edited_maps(token_maps(q_s, k_s, heads, hw, rec.prompt.length), m, cross.mapper, ws, wt)
+            self.maps[sk] = self.maps[sk] + m if sk in self.maps else m
+        return jobs
+
     def attend(self, patch: LayerPatch, q, k, v, extra):
         rec, key, heads = self.record, patch.layer.key, extra["n_heads"]
         sigma = current_sigma(extra)
         step = self.occurrences.step(sigma, rec.sample_sigmas)
-        live = int(extra.get(LIVE_SOURCE, 0))  # leading chunks that are the source, recomputed
+        live = int(extra.get(LIVE_SOURCE, 0))  # leading chunks: the source's conditional half, recomputed
         every = chunks(extra, q.shape[0])
         sources, targets = every[:live], every[live:]
         parts = [(None, q[rows], k[rows], v[rows]) for _, rows in sources]  # the source attends as usual
-        for i, (cou, rows) in enumerate(targets):
-            sk = self.occurrences.key(sigma, patch.kind, key, cou)
+        for cou, rows in targets:
             qc, kc, vc = q[rows], k[rows], v[rows]
-            live_qk = (q[sources[i][1]], k[sources[i][1]]) if live else None
             jobs: list[Job] | None = None  # None: this chunk attends as usual
-            if patch.kind == "attn1":
-                if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
-                    src = live_qk or rec.self_qk.get((key, sk, cou))
-                    if src is None:
-                        self._missing_live_source(sigma)
-                        raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
-                                          f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
-                                          "self_attention_layers/self_attention_until) or inject fewer layers/steps")
-                    jobs = [(self._source(src[0], qc), self._source(src[1], kc), vc)]  # the source's map, our values
-            elif cou == COND:
-                if self.cross is not None:
-                    alpha = self.cross.alpha(step, rec.num_steps)
-                    eq = self.cross.equalizer if self.cross.equalizer is not None else torch.ones_like(alpha)
-                    if bool(alpha.any()):
-                        q_s, k_s = live_qk or (rec.cross_q.get((key, sk)), rec.cross_k.get(key))
-                        if q_s is None or k_s is None:
+            if cou == COND:  # P2P and FPE edit the conditional half only
+                sk = self.occurrences.key(sigma, patch.kind, key, cou)
+                live_qk = (q[sources[0][1]], k[sources[0][1]]) if live else None
+                if patch.kind == "attn1":
+                    if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
+                        src = live_qk or rec.self_qk.get((key, sk))
+                        if src is None:
                             self._missing_live_source(sigma)
-                            raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
+                            raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
                                               f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
-                                              "cross_attention_until) or inject for fewer steps")
-                        jobs = cross_edit_jobs(qc, kc, vc, self._source(q_s, qc), self._source(k_s, kc),
-                                               self.cross.mapper, alpha, eq)
-                if self.blend is not None and patch.layer.level == rec.map_level:
-                    m = token_maps(qc, kc, heads, spatial_hw(extra, q.shape[1]), self.map_tokens)
-                    self.maps[sk] = self.maps[sk] + m if sk in self.maps else m
+                                              "self_attention_layers/self_attention_until) or inject fewer layers/steps")
+                        jobs = [(self._source(src[0], qc), self._source(src[1], kc), vc)]  # the source's map, our values
+                else:
+                    jobs = self._cross(patch, sk, sigma, step, qc, kc, vc, live_qk, extra)
             parts.append((jobs, qc, kc, vc))
         if all(jobs is None for jobs, *_ in parts):  # nothing injected here: one call, as unpatched
             return patch.plain(q, k, v, extra, self.attention)
@@ -424,13 +495,17 @@ class Editor(Shared):
             return denoised
         src_denoised, src_maps = rec.denoised.get(sk), rec.cumulative_maps(step)
         tgt = cumulative_maps(self.maps, rec.sample_sigmas, step)
-        if src_denoised is None or src_maps is None or tgt is None:
+        if src_denoised is None or src_maps is None or (tgt is None and blend.needs_target_maps):
             raise RecordError(f"{self.node}: local blend needs the source's maps and latents at sigma {sigma:.4g}, "
                               "which the attention store did not keep")
-        size = tuple(denoised.shape[-2:])
-        mask = blend_mask(src_maps.to(denoised.device), blend.source_positions, size, blend.threshold,
-                          blend.subtract_source, dilate=blend.dilate)
-        mask = torch.maximum(mask, blend_mask(tgt, blend.target_positions, size, blend.threshold, blend.subtract_target,
-                                              dilate=blend.dilate))
+        mask = blend.mask(src_maps.to(denoised.device), tgt, tuple(denoised.shape[-2:])).to(denoised)
         src = self._source(src_denoised, denoised)
-        return src + mask.to(denoised) * (denoised - src)
+        return src + mask * (denoised - src)
+
+
+def repeat_to_common_length(sources: list[torch.Tensor], target: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Prompts of different token lengths, each repeated to their least common multiple, as
+    ComfyUI batches them (a repeated prompt attends exactly as the prompt)."""
+    common = math.lcm(target.shape[1], *(s.shape[1] for s in sources))
+    grow = lambda c: c.repeat(1, common // c.shape[1], 1) if c.shape[1] != common else c  # noqa: E731
+    return [grow(s) for s in sources], grow(target)

@@ -4,9 +4,10 @@ Tensors use ComfyUI's attention layout: q, k, v are (batch, tokens, heads * dim_
 
 - Injecting a map M_src = softmax(Q_src K_srcᵀ/√d) into the target is attention(Q_src, K_src, V).
 - P2P's cross-attention edits are all of the form
-      M_new = (M_src A) diag(alpha * c) + M_tgt diag(1 - alpha)
-  (A: token alignment, alpha: which target tokens take the source's map, c: re-weighting), and
-      M_new V = attention(Q_src, K_src, A (alpha c V)) + attention(Q_tgt, K_tgt, (1 - alpha) V),
+      M_new = (M_src A) diag(ws) + M_tgt diag(wt),   ws = t g c,   wt = 1 - t + t (1 - g) c
+  (A: token alignment, t: the step window, g: which target tokens have a source counterpart,
+  c: re-weighting, which scales a column whatever its origin, as P2P's equaliser does), and
+      M_new V = attention(Q_src, K_src, A (ws V)) + attention(Q_tgt, K_tgt, wt V),
   so replace, refine and re-weight are one or two fused attention calls.
 - Only local blend needs explicit maps, of a few tokens at a low resolution.
 """
@@ -38,19 +39,56 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
 Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v) of one attention product
 
 
+def key_layout(k: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The prompt token that each key column is, -1 for columns that are not the prompt's.
+
+    ComfyUI lengthens a conditioning batched with a longer one by repeating it (conds.py, "padding
+    with repeat doesn't change result"): blocks equal to the first are copies of the prompt.
+    Other columns beyond the prompt (a ConditioningConcat) belong to no prompt token. Blocks are
+    compared with a tolerance far below the difference of any two prompts' keys, because a
+    projection need not round identical rows alike at every position."""
+    layout = torch.full((k.shape[1],), -1, dtype=torch.long)
+    n = min(tokens, k.shape[1])
+    layout[:n] = torch.arange(n)
+    first = k[:, :tokens].float()
+    scale = float(first.abs().amax()) if first.numel() else 0.0
+    for b in range(1, k.shape[1] // tokens if k.shape[1] > tokens else 1):
+        block = k[:, b * tokens:(b + 1) * tokens].float()
+        if float((block - first).abs().amax()) <= 1e-4 * scale:
+            layout[b * tokens:(b + 1) * tokens] = torch.arange(tokens)
+    return layout
+
+
+def expand_columns(values: torch.Tensor, layout: torch.Tensor, fill: float) -> torch.Tensor:
+    """Per-token values (..., T) as per-key-column values (..., L); `fill` on foreign columns."""
+    out = values[..., layout.clamp_min(0)]
+    return torch.where(layout >= 0, out, torch.full_like(out, fill))
+
+
+def expand_mapper(mapper: torch.Tensor, src_layout: torch.Tensor, tgt_layout: torch.Tensor) -> torch.Tensor:
+    """A (T_s, T_t) as A' (L_s, L_t) over the actual key columns: a source token's copies each
+    carry their share of its attention already; a target token's r copies each take 1/r of its
+    column (their values are equal), so M_src' A' V' = M_src A V."""
+    copies = torch.bincount(tgt_layout[tgt_layout >= 0], minlength=mapper.shape[1]).clamp_min(1).to(mapper)
+    out = mapper[src_layout.clamp_min(0)][:, tgt_layout.clamp_min(0)] / copies[tgt_layout.clamp_min(0)]
+    keep = (src_layout >= 0)[:, None] & (tgt_layout >= 0)[None, :]
+    return out * keep.to(out)
+
+
 def cross_edit_jobs(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                     q_s: torch.Tensor, k_s: torch.Tensor, mapper: torch.Tensor,
-                    alpha: torch.Tensor, equalizer: torch.Tensor) -> list[Job]:
-    """The attention products whose sum is M_new V, M_new = (M_src A) diag(alpha*c) + M_tgt diag(1-alpha).
+                    source_weight: torch.Tensor, target_weight: torch.Tensor) -> list[Job]:
+    """The attention products whose sum is M_new V, M_new = (M_src A) diag(ws) + M_tgt diag(wt).
 
-    mapper A: (n_src, n_tgt); alpha, equalizer: (n_tgt,) or (B, n_tgt).
+    mapper A: (L_s, L_t) over the key columns; ws, wt: (L_t,) or (B, L_t). P2P's edits: ws =
+    t g c and wt = 1 - t + t (1 - g) c, with t the step window, g the alignment, c the weights.
     """
-    alpha = alpha.to(v_t).expand(v_t.shape[0], -1)[..., None]
-    equalizer = equalizer.to(v_t).expand(v_t.shape[0], -1)[..., None]
-    v_src = torch.einsum("st,btc->bsc", mapper.to(v_t), alpha * equalizer * v_t)
+    ws = source_weight.to(v_t).expand(v_t.shape[0], -1)[..., None]
+    wt = target_weight.to(v_t).expand(v_t.shape[0], -1)[..., None]
+    v_src = torch.einsum("st,btc->bsc", mapper.to(v_t), ws * v_t)
     jobs = [(q_s, k_s, v_src)]
-    if bool((alpha < 1).any()):
-        jobs.append((q_t, k_t, (1 - alpha) * v_t))
+    if bool((wt != 0).any()):
+        jobs.append((q_t, k_t, wt * v_t))
     return jobs
 
 
@@ -71,10 +109,11 @@ def run_jobs(groups: list[list[Job]], heads: int, attention: AttentionFn = sdpa)
 
 def edit_cross_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                          q_s: torch.Tensor, k_s: torch.Tensor, mapper: torch.Tensor,
-                         alpha: torch.Tensor, equalizer: torch.Tensor, heads: int,
+                         source_weight: torch.Tensor, target_weight: torch.Tensor, heads: int,
                          attention: AttentionFn = sdpa) -> torch.Tensor:
     """Output of M_new V (see cross_edit_jobs): one or two fused attention products, one call."""
-    return run_jobs([cross_edit_jobs(q_t, k_t, v_t, q_s, k_s, mapper, alpha, equalizer)], heads, attention)[0]
+    jobs = cross_edit_jobs(q_t, k_t, v_t, q_s, k_s, mapper, source_weight, target_weight)
+    return run_jobs([jobs], heads, attention)[0]
 
 
 def inject_self_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_t: torch.Tensor, heads: int,
@@ -84,26 +123,49 @@ def inject_self_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_t: torch.Tenso
 
 
 def token_maps(q: torch.Tensor, k: torch.Tensor, heads: int, hw: tuple[int, int], tokens: int) -> torch.Tensor:
-    """Head-averaged cross-attention maps of the first `tokens` tokens: (B, tokens, h, w)."""
-    probs = attention_probs(q, k, heads)[..., :tokens].mean(1)  # B, Nq, T
-    return probs.transpose(1, 2).reshape(q.shape[0], tokens, *hw)
+    """Head-averaged cross-attention maps of a prompt's `tokens` tokens, the copies of a repeated
+    conditioning summed (key_layout): (B, tokens, h, w)."""
+    probs = attention_probs(q, k, heads).mean(1)  # B, Nq, L
+    layout = key_layout(k, tokens).to(probs.device)
+    own = layout >= 0
+    out = probs.new_zeros(probs.shape[0], probs.shape[1], tokens).index_add_(-1, layout[own], probs[..., own])
+    return out.transpose(1, 2).reshape(q.shape[0], tokens, *hw)
 
 
-def blend_mask(maps: torch.Tensor, positions: list[int], size: tuple[int, int], threshold: float = 0.3,
-               subtract: list[int] | None = None, subtract_maps: torch.Tensor | None = None,
-               dilate: int = 1) -> torch.Tensor:
-    """P2P local blend: the words' maps (B, T, h, w) summed, max-pooled over (2*dilate+1)² cells
-    (P2P: 3x3 on 16x16 maps), resized to the latent, normalised by their maximum and thresholded.
-    `subtract` words' mask is removed."""
+def edited_maps(source: torch.Tensor, target: torch.Tensor, mapper: torch.Tensor,
+                source_weight: torch.Tensor, target_weight: torch.Tensor) -> torch.Tensor:
+    """Token maps (B, T_t, h, w) after the cross-attention edit: (M_src A) diag(ws) + M_tgt diag(wt)."""
+    moved = torch.einsum("bshw,st->bthw", source.to(target), mapper.to(target))
+    return moved * source_weight.to(target)[..., :, None, None] + target * target_weight.to(target)[..., :, None, None]
 
-    def word_mask(m: torch.Tensor, pos: list[int]) -> torch.Tensor:
+
+def words_mask(source_maps: torch.Tensor | None, target_maps: torch.Tensor | None, source_positions: list[int],
+               target_positions: list[int], size: tuple[int, int], threshold: float = 0.3,
+               dilate: int = 0) -> torch.Tensor:
+    """P2P's word mask, (B, 1, H, W) bool: each prompt's words' maps (B, T, h, w) summed,
+    max-pooled over (2*dilate+1)² cells (P2P: 3x3 on 16x16 maps; 0: unpooled), resized to the
+    latent, normalised by their maximum and thresholded; the source's and the target's united."""
+
+    def one(m: torch.Tensor, pos: list[int]) -> torch.Tensor:
         m = m[:, pos].sum(1, keepdim=True).float()
         if dilate > 0:
             m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
         m = F.interpolate(m, size=size, mode="nearest")
         return m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) > threshold
 
-    mask = word_mask(maps, positions)
-    if subtract:
-        mask = mask & ~word_mask(maps if subtract_maps is None else subtract_maps, subtract)
+    masks = [one(m, p) for m, p in ((source_maps, source_positions), (target_maps, target_positions)) if p]
+    if not masks:
+        raise ValueError("words_mask needs at least one word")
+    return masks[0] if len(masks) == 1 else masks[0] | masks[1]
+
+
+def blend_mask(source_maps: torch.Tensor, target_maps: torch.Tensor, source_positions: list[int],
+               target_positions: list[int], size: tuple[int, int], threshold: float = 0.3,
+               subtract_source: list[int] | None = None, subtract_target: list[int] | None = None,
+               dilate: int = 1) -> torch.Tensor:
+    """P2P's local-blend mask (float): the words' pooled mask less the subtracted words' unpooled
+    mask, both the union of the source's and the target's (as P2P's LocalBlend computes them)."""
+    mask = words_mask(source_maps, target_maps, source_positions, target_positions, size, threshold, dilate)
+    if subtract_source or subtract_target:
+        mask = mask & ~words_mask(source_maps, target_maps, subtract_source or [], subtract_target or [], size, threshold)
     return mask.float()

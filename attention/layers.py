@@ -7,11 +7,13 @@ middle 0, output 3..11), and `level`, how often the latent was downsampled befor
 
 Presets:
 - "all"        every attention layer.
-- "fpe"        Free-Prompt-Editing's "layers 4-14": `index` 4..14, counted from 0 in forward order
-               (SD1.5: input 7,8, middle, output 3..10: the 16²/8² core plus the decoder's 32² and
-               two of its 64² layers). The paper leaves the indexing open; this is ours. On a UNet
-               with n attention layers the same band is index ceil(4n/16)..floor(14n/16) (SDXL's
-               70 layers: 18..61), so it stays the middle of the network.
+- "fpe"        Free-Prompt-Editing's official code: every layer whose maps have at most 32²
+               positions at 512 px, i.e. level >= 1 (SD1.5: `index` 2..12 = input 4,5,7,8, middle,
+               output 3..8). By level, so it keeps its place at any size; SDXL, whose attention
+               starts at level 1, gets all its layers.
+- "fpe_4_14"   the FPE paper's "layers 4-14" read as `index` 4..14, counted from 0 in forward order
+               (SD1.5: input 7,8, middle, output 3..10). On a UNet with n attention layers the same
+               band is index ceil(4n/16)..floor(14n/16) (SDXL's 70 layers: 18..61).
 - "p2p_16"     P2P's self-attention rule "resolution <= 16²" at 512 px: level >= 2.
 - "p2p_32"     "resolution <= 32²": level >= 1.
 - "none"       no layer.
@@ -40,7 +42,7 @@ class AttentionLayer:
         return f"{self.block} {self.block_id}.{self.transformer_index} (#{self.index}, level {self.level})"
 
 
-PRESETS = ("all", "fpe", "p2p_16", "p2p_32", "none")
+PRESETS = ("all", "fpe", "fpe_4_14", "p2p_16", "p2p_32", "none")
 LEVELS = ("level 0", "level 1", "level 2", "level 3")  # one resolution (0 = the full latent)
 
 
@@ -77,6 +79,8 @@ def select_layers(layers: list[AttentionLayer], preset: str) -> list[AttentionLa
     if preset == "none":
         return []
     if preset == "fpe":
+        return [l for l in layers if l.level >= 1]
+    if preset == "fpe_4_14":
         n = len(layers)
         return [l for l in layers if -(-4 * n // 16) <= l.index <= 14 * n // 16]
     if preset == "p2p_16":

@@ -29,8 +29,8 @@ class RecordError(RuntimeError):
 
 @dataclass(frozen=True)
 class RecordSpec:
-    """Which layers and steps to keep. Cross-attention is kept for the cond half only (P2P edits
-    only that half); self-attention for cond and uncond."""
+    """Which layers and steps to keep, of the cond half only (P2P's and FPE's controllers edit
+    only that half)."""
     cross_layers: frozenset[tuple[str, int, int]]
     cross_steps: StepRange
     self_layers: frozenset[tuple[str, int, int]]
@@ -66,8 +66,8 @@ class SourceRecord:
     result: torch.Tensor | None = None
     map_level: int | None = None  # level of the layers whose token maps are kept (local blend, previews)
     cross_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> (B, N, C)
-    cross_k: dict = field(default_factory=dict)  # layer key -> (B, 77, C)
-    self_qk: dict = field(default_factory=dict)  # (layer key, sigma key, cond_or_uncond) -> (q, k)
+    cross_k: dict = field(default_factory=dict)  # layer key -> (B, L, C), L = 77 per conditioning chunk
+    self_qk: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond (q, k)
     map_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond queries of the map-level layers
     map_k: dict = field(default_factory=dict)  # layer key -> cond keys of a map-level layer
     layer_hw: dict = field(default_factory=dict)  # layer key -> (heads, (h, w)) of every layer seen
@@ -130,7 +130,7 @@ class SourceRecord:
         n = self.num_steps
         on_first = lambda sk: step_index(float(sk.partition("#")[0]), self.sample_sigmas) == 0  # noqa: E731
         cross = _unique_nbytes([q for (_, sk), q in self.cross_q.items() if on_first(sk)])
-        self_ = _unique_nbytes([t for (_, sk, _), pair in self.self_qk.items() if on_first(sk) for t in pair])
+        self_ = _unique_nbytes([t for (_, sk), pair in self.self_qk.items() if on_first(sk) for t in pair])
         maps = _unique_nbytes([q for (_, sk), q in self.map_q.items() if on_first(sk)])
         active = lambda rng: sum(rng.active(i, n) for i in range(n))  # noqa: E731
         self.estimated_bytes = (cross * active(self.spec.cross_steps) + self_ * active(self.spec.self_steps)
@@ -172,7 +172,7 @@ class SourceRecord:
         """Token maps of a map-level layer, made now (recompute keeps maps, not queries)."""
         from .inject import token_maps
         heads, hw = self.layer_hw[key]
-        self._maps[(key, sk)] = token_maps(q, k, heads, hw, self.prompt.end + 1)
+        self._maps[(key, sk)] = token_maps(q, k, heads, hw, self.prompt.length)
 
     def compute_maps(self) -> None:
         for (key, sk), q in self.map_q.items():
@@ -199,7 +199,7 @@ class SourceRecord:
             else:
                 heads, hw = self.layer_hw[key]
                 k = self.cross_k.get(key, self.map_k.get(key))
-                m = token_maps(kept[(key, sk)], k, heads, hw, max(positions) + 1)[:, positions].sum(1, keepdim=True)
+                m = token_maps(kept[(key, sk)], k, heads, hw, self.prompt.length)[:, positions].sum(1, keepdim=True)
             m = torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             total, count = (m if total is None else total + m), count + 1
         return None if total is None else total / count

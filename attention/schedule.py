@@ -24,9 +24,12 @@ def sigma_key(sigma: float) -> str:
 
 @dataclass(frozen=True)
 class StepRange:
-    """Active for steps i with int(start*N) <= i < int(end*N), N = number of steps (as in P2P)."""
+    """Active for steps i with int(start*N) <= i < int(end*N), N = number of steps (P2P's
+    self-attention and local-blend rule). `cross`: P2P's cross-attention rule, whose per-step
+    weights have N + 1 rows (get_time_words_attention_alpha): int(start*(N+1)) <= i < int(end*(N+1))."""
     start: float = 0.0
     end: float = 1.0
+    cross: bool = False
 
     def __post_init__(self):
         if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
@@ -35,7 +38,8 @@ class StepRange:
             raise ScheduleError(f"the step range starts after it ends (start={self.start} > end={self.end})")
 
     def active(self, step: int, num_steps: int) -> bool:
-        return int(self.start * num_steps) <= step < int(self.end * num_steps)
+        n = num_steps + 1 if self.cross else num_steps
+        return int(self.start * n) <= step < int(self.end * n)
 
     @property
     def empty(self) -> bool:
@@ -48,6 +52,8 @@ def parse_word_values(text: str, low: float = 0.0, high: float = 1.0, what: str 
     out: dict[str, float] = {}
     for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
         word, sep, value = item.partition("=")
+        if word.strip() in out:
+            raise ScheduleError(f"'{word.strip()}' is given twice: give each word one {what}")
         try:
             out[word.strip()] = float(value)
         except ValueError:

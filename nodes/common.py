@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 
 import comfy.ldm.modules.attention
+from comfy import sd1_clip
 
 from ..attention.controllers import BlockPatch, Editor, LayerPatch, Recorder
 from ..attention.layers import AttentionLayer, unet_attention_layers
 from ..attention.record import SourceRecord
-from ..attention.tokens import Prompt, PromptError, parse_prompt
+from ..attention.tokens import Prompt, PromptError, prompt_from_tokens
 
 EDIT_KEY = "attention_edit"  # transformer_options key and wrapper key of this pack
 
@@ -26,17 +27,18 @@ def attention_fn(q, k, v, heads):
 
 
 def prompt_from_clip(clip, text: str, node: str, input_name: str) -> Prompt:
-    def tokenize_word(word: str) -> list[int]:
-        tokens = clip.tokenize(word)
-        first = tokens["l"] if "l" in tokens else next(iter(tokens.values()))
-        ids = [int(t[0]) for t in first[0]]
-        end = ids.index(ids[-1])  # first end/pad token after the start token
-        return ids[1:end] if ids[0] != ids[-1] else ids[1:]
-
+    """The prompt's words at the positions of the conditioning that ComfyUI makes of it (the same
+    tokenize_with_weights call, so weights, parentheses, embeddings and chunks all agree)."""
     if clip is None:
         raise NodeInputError(node, "clip", "no CLIP given: connect the checkpoint's CLIP output")
+    tokens = clip.tokenize(text, return_word_ids=True)
+    name = "l" if "l" in tokens else next(iter(tokens))
+    tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
+    vocab = getattr(tokenizer, "inv_vocab", {})
+    plain = " ".join(sd1_clip.unescape_important(segment)
+                     for segment, _ in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0))
     try:
-        return parse_prompt(text, tokenize_word)
+        return prompt_from_tokens(text, tokens[name], vocab.get, plain)
     except PromptError as e:
         raise NodeInputError(node, input_name, str(e)) from None
 

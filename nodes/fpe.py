@@ -16,7 +16,8 @@ class FPESelfAttnInject(io.ComfyNode):
         return io.Schema(
             node_id="FPESelfAttnInject", display_name="FPE Self-Attention Inject", category="attention_edit",
             description="Free-Prompt-Editing: the target keeps the source's layout by reading its values through the "
-                        "source's self-attention maps (layers 4-14, all steps). Cross-attention stays the target's "
+                        "source's self-attention maps (FPE's code: layers of <= 32² positions at 512 px, the first "
+                        "80% of the steps). Cross-attention stays the target's "
                         "own, so any target prompt works; for real images the source prompt may be empty.",
             inputs=[
                 io.Model.Input("model", tooltip="The same MODEL as AttentionStore's input (not its output)."),
@@ -24,9 +25,10 @@ class FPESelfAttnInject(io.ComfyNode):
                                          "self_attention_layers must include these layers)."),
                 io.Latent.Input("source_latent", tooltip="The source sampler's output (orders the branches)."),
                 io.Combo.Input("layers", options=list(PRESETS), default="fpe",
-                               tooltip="fpe = layers 4-14 in forward order, counted from 0 (see README)."),
-                io.Float.Input("until", default=1.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="Inject for this first fraction of the steps (FPE: all)."),
+                               tooltip="fpe: layers of <= 32² positions at 512 px (FPE's official code); fpe_4_14: the "
+                                       "paper's 'layers 4-14' in forward order, counted from 0 (see docs)."),
+                io.Float.Input("until", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Inject for this first fraction of the steps (FPE's code: 0.8)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="Sample the target branch with this model and "
                                                                    "an ordinary CLIPTextEncode of the target prompt.")],

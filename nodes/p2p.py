@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.align import refine_mapper, replace_mapper
-from ..attention.controllers import CrossEdit, Editor, LocalBlend
+from ..attention.controllers import COMBINE, CrossEdit, Editor, LocalBlend
 from ..attention.layers import PRESETS, select_layers
 from ..attention.schedule import ScheduleError, StepRange, parse_word_fractions, parse_word_values
 from ..attention.tokens import PromptError, split_words
@@ -84,8 +84,8 @@ def install_editor(model, editor: Editor):
 
 def cross_steps(node: str, target, cross_until: float, word_schedules: str) -> tuple[StepRange, dict]:
     try:
-        steps = StepRange(0, cross_until)
-        words = {w: StepRange(0, f) for w, f in parse_word_fractions(word_schedules).items()}
+        steps = StepRange(0, cross_until, cross=True)
+        words = {w: StepRange(0, f, cross=True) for w, f in parse_word_fractions(word_schedules).items()}
     except ScheduleError as e:
         raise NodeInputError(node, "cross_attention_until/word_schedules", str(e)) from None
     try:
@@ -118,7 +118,7 @@ class _P2PEdit(io.ComfyNode):
 
 class P2PReplace(_P2PEdit):
     NODE = "P2PReplace"
-    mapper = staticmethod(lambda s, t: (replace_mapper(s, t), torch.ones(77)))
+    mapper = staticmethod(lambda s, t: (replace_mapper(s, t), torch.ones(t.length)))
 
     @classmethod
     def define_schema(cls):
@@ -149,7 +149,7 @@ class P2PRefine(_P2PEdit):
 def parse_weights(node: str, text: str, target) -> torch.Tensor:
     try:
         weights = parse_word_values(text, -2.0, 2.0, "weight")
-        eq = torch.ones(77)
+        eq = torch.ones(target.length)
         for word, c in weights.items():
             eq[target.positions(word)] = c
     except (ScheduleError, PromptError) as e:
@@ -181,7 +181,7 @@ class P2PReweight(io.ComfyNode):
         eq = parse_weights(node, weights, target)
         previous = current_editor(model)
         if previous is not None and previous.cross is not None:
-            if previous.target is None or previous.target.ids != target.ids:
+            if previous.target is None or previous.target.keys != target.keys:
                 raise NodeInputError(node, "target_prompt", "differs from the earlier edit's target prompt: use the same text")
             cross = dataclasses.replace(previous.cross, equalizer=eq)
         else:
@@ -210,27 +210,54 @@ class P2PLocalBlend(io.ComfyNode):
                                tooltip="Mask = normalised attention above this."),
                 io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Blend from this fraction of the steps on (P2P: 0.2)."),
-                io.String.Input("subtract_words", default="", tooltip="Target words whose region must stay the source."),
+                io.String.Input("subtract_words", default="",
+                                tooltip="Words whose region must stay the source (looked up in both prompts, as P2P does)."),
                 io.Int.Input("dilate", default=1, min=0, max=8, optional=True,
                              tooltip="Grow the mask by this many cells of the word maps (P2P: 1 on 16x16 maps). "
                                      "0 for coarse maps (TinySD's 8x8)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional MASK of where the image may change (painted, from a segmenter, or "
+                                      "AttentionMapPreview's): 1 = may change. Met with the words' mask by 'combine'."),
+                io.Combo.Input("combine", options=list(COMBINE), default="intersect", optional=True,
+                               tooltip="With a mask: intersect = change only where the words' mask and the mask agree; "
+                                       "union = where either; mask only = the mask alone (words unused). "
+                                       "subtract_words always stay the source."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="Sample the target branch with this model.")],
         )
 
     @classmethod
-    def execute(cls, model, source_words, target_words, threshold, start, subtract_words, dilate=1) -> io.NodeOutput:
+    def execute(cls, model, source_words, target_words, threshold, start, subtract_words, dilate=1, mask=None,
+                combine="intersect") -> io.NodeOutput:
         node = "P2PLocalBlend"
         editor = current_editor(model)
         if editor is None or editor.target is None:
             raise NodeInputError(node, "model", "carries no P2P edit: connect the MODEL output of P2PReplace, "
                                  "P2PRefine or P2PReweight")
+        source, target = editor.record.prompt, editor.target
+        words_used = mask is None or combine != "mask only"
         try:
-            blend = LocalBlend(editor.record.prompt.positions(source_words), editor.target.positions(target_words),
-                               threshold, start, [], editor.target.positions(subtract_words) if split_words(subtract_words) else [],
-                               int(dilate))
+            src = source.positions(source_words) if words_used and split_words(source_words) else []
+            tgt = target.positions(target_words) if words_used and split_words(target_words) else []
         except PromptError as e:
             raise NodeInputError(node, "source_words/target_words", f"{e}; name words of the prompts") from None
+        if words_used and not (src or tgt):
+            raise NodeInputError(node, "source_words/target_words", "name the word(s) whose region may change, "
+                                 "e.g. 'cat' (or connect a mask and set combine to 'mask only')")
+        sub_src, sub_tgt = [], []
+        for word in split_words(subtract_words):
+            if not (source.has(word) or target.has(word)):
+                raise NodeInputError(node, "subtract_words", f"the word '{word}' is in neither prompt; name words "
+                                     "of the source or target prompt")
+            sub_src += source.positions(word) if source.has(word) else []
+            sub_tgt += target.positions(word) if target.has(word) else []
+        region = None
+        if mask is not None:
+            region = mask.reshape(-1, *mask.shape[-2:]).float().cpu()
+            if region.shape[0] not in (1, editor.record.latent_shape[0]):
+                raise NodeInputError(node, "mask", f"{region.shape[0]} masks for a batch of "
+                                     f"{editor.record.latent_shape[0]}: give one mask, or one per image")
+        blend = LocalBlend(src, tgt, threshold, start, sub_src, sub_tgt, int(dilate), region, combine)
         new = Editor(editor.record, editor.run_id, editor.cross, editor.self_layers, editor.self_steps, blend,
                      editor.target, node, attention_fn)
         return io.NodeOutput(install_editor(model, new))

@@ -35,7 +35,7 @@ class AttentionStore(io.ComfyNode):
                                tooltip="Keep cross-attention queries for this first fraction of the steps "
                                        "(P2P edits inject for their own fraction, at most this)."),
                 io.Combo.Input("self_attention_layers", options=list(PRESETS), default="fpe",
-                               tooltip="Layers whose self-attention is kept (fpe: layers 4-14; p2p_16/p2p_32: "
+                               tooltip="Layers whose self-attention is kept (fpe: <= 32² at 512 px, FPE's code; p2p_16/p2p_32: "
                                        "resolutions <= 16²/32² at 512 px; none saves memory for P2P-only edits)."),
                 io.Float.Input("self_attention_until", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="Keep self-attention for this first fraction of the steps."),
@@ -79,7 +79,7 @@ class AttentionStore(io.ComfyNode):
         self_layers = select_layers(layers, self_attention_layers)
         try:
             spec = RecordSpec(
-                cross_layers=frozenset(l.key for l in layers), cross_steps=StepRange(0, cross_attention_until),
+                cross_layers=frozenset(l.key for l in layers), cross_steps=StepRange(0, cross_attention_until, cross=True),
                 self_layers=frozenset(l.key for l in self_layers), self_steps=StepRange(0, self_attention_until),
                 storage_dtype=torch.float16 if storage == "fp16" else None,
                 strategy=strategy, budget_bytes=int(budget_mb) << 20,

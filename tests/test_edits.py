@@ -135,3 +135,5 @@ def test_graph_defaults_are_the_nodes_defaults(tiny):
     for name in ("P2PReplace", "P2PRefine"):
         inputs = {i.id: i.default for i in tiny.node(name).define_schema().inputs if hasattr(i, "default")}
         assert {k: inputs[k] for k in graphs.P2P_DEFAULTS} == graphs.P2P_DEFAULTS, name
+    inputs = {i.id: i.default for i in tiny.node("FPESelfAttnInject").define_schema().inputs if hasattr(i, "default")}
+    assert {k: inputs[k] for k in graphs.FPE_DEFAULTS} == graphs.FPE_DEFAULTS == {"layers": "fpe", "until": 0.8}

@@ -53,11 +53,13 @@ def test_sdxl_layers_keys_and_presets(sdxl, comfy_nodes):
     assert {l.level for l in layers} == {1, 2}  # SDXL has no attention at the full latent resolution
 
 
-def test_sdxl_fpe_preset_is_the_proportional_band(sdxl, comfy_nodes):
+def test_sdxl_fpe_presets(sdxl, comfy_nodes):
+    """fpe (FPE's code: maps of <= 32² positions at 512 px, i.e. level >= 1) covers all of SDXL's
+    attention, which starts at level 1; fpe_4_14 is the paper's band scaled to 70 layers."""
     model, clip = sdxl
-    _, _, store = comfy_nodes["AttentionStore"].execute(model, clip, "a cat", 1.0, "fpe", 1.0, "model dtype").result
-    indices = sorted(store.layers[k].index for k in store.spec.self_layers)
-    assert indices == list(range(18, 62))  # ceil(4*70/16) .. floor(14*70/16)
+    for preset, expected in (("fpe", list(range(70))), ("fpe_4_14", list(range(18, 62)))):  # ceil(4*70/16)..floor(14*70/16)
+        _, _, store = comfy_nodes["AttentionStore"].execute(model, clip, "a cat", 1.0, preset, 1.0, "model dtype").result
+        assert sorted(store.layers[k].index for k in store.spec.self_layers) == expected, preset
 
 
 def test_sdxl_token_positions_follow_both_encoders(sdxl, comfy_nodes):
@@ -68,11 +70,12 @@ def test_sdxl_token_positions_follow_both_encoders(sdxl, comfy_nodes):
                                                                "none", 1.0, "model dtype").result
     assert positive[0][0].shape == (1, 77, 2048) and positive[0][1]["pooled_output"].shape == (1, 1280)
     tokens = clip.tokenize("a photograph of an astronaut")
-    ids_l = [t for t, _ in tokens["l"][0]][:8]
-    ids_g = [t for t, _ in tokens["g"][0]][:8]
-    assert ids_l[:store.prompt.end + 1] == ids_g[:store.prompt.end + 1]
+    ids_l = [t for t, _ in tokens["l"][0]]
+    ids_g = [t for t, _ in tokens["g"][0]]
+    end = store.prompt.tails[0][0]
+    assert end == 6 and ids_l[:end + 1] == ids_g[:end + 1] == list(store.prompt.keys[:end + 1])
     astronaut = store.prompt.positions("astronaut")
-    assert [ids_l[p] for p in astronaut] == list(store.prompt.ids[astronaut[0] - 1:astronaut[-1]])
+    assert astronaut == [5] and [store.prompt.keys[p] for p in astronaut] == [ids_l[5]]
 
 
 def test_sdxl_recorded_maps_have_the_shapes_of_their_levels(sdxl, comfy_nodes):

@@ -26,6 +26,29 @@ def store(tiny, strategy, budget_mb=2048, prompt=SOURCE, layers="all"):
                                                None, strategy, budget_mb).result
 
 
+def batch_noise_floor(tiny, sampler: str, prompt: str = TARGET) -> float:
+    """How far float32 rounding alone moves a sample when the model's batch changes shape: the same
+    two rows (same seed, same noise) sampled in a batch of 2 and inside batches of 4 and 6 (a
+    recomputing target's model batch holds the source's rows too). CPUs round batch-shaped sums
+    differently (AVX2 vs AVX-512), so comparisons of keep and recompute are bounded by a multiple
+    of this floor, measured on the machine that runs the test."""
+    pos = tiny.encode(prompt)
+    two = tiny.sample(tiny.model, pos, seed=3, batch=2, sampler=sampler)["samples"]
+    return max(float((tiny.sample(tiny.model, pos, seed=3, batch=b, sampler=sampler)["samples"][:2] - two).abs().max())
+               for b in (4, 6))
+
+
+def assert_same_up_to_batch_rounding(tiny, sampler: str, got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Recompute runs the source's rows in the target's batch, keep does not: the paths are the
+    same mathematics, so they may differ by batch-shape rounding only. Bound: 10x the measured
+    floor (the edit composes several batched attention calls per layer where a plain sample has
+    one), and at least 1e-5 (the sum of a few float32 roundings of latents of magnitude ~3 over
+    10-20 steps, where a machine's floor happens to be 0)."""
+    bound = max(10 * batch_noise_floor(tiny, sampler), 1e-5)
+    diff = float((got - expected).abs().max())
+    assert diff <= bound, f"{what}: {diff:.3g} > {bound:.3g}"
+
+
 def edits(tiny, st, src, sampler, only=None):
     """P2P replace (+ self-attention), + local blend, + re-weight, and FPE: the target latents."""
     node = tiny.node
@@ -47,7 +70,7 @@ def test_recompute_gives_the_edits_that_keep_gives(tiny, sampler):
         results[strategy], stores[strategy] = edits(tiny, st, src, sampler), st
         assert st.mode == strategy
     for name, kept in results["keep"].items():
-        torch.testing.assert_close(results["recompute"][name], kept, rtol=0, atol=1e-5, msg=name)
+        assert_same_up_to_batch_rounding(tiny, sampler, results["recompute"][name], kept, name)
     seed_only = tiny.sample(tiny.model, tiny.encode(TARGET), seed=3, batch=2, sampler=sampler)["samples"]
     assert (results["recompute"]["replace"] - seed_only).abs().max() > 1e-2  # the injection did something
     keep, recompute = stores["keep"], stores["recompute"]
@@ -77,8 +100,8 @@ def test_own_maps_through_recompute_reproduce_the_plain_sample(tiny):
     plain = tiny.sample(tiny.model, pos, seed=5, batch=2, sampler="dpmpp_2m")["samples"]
     em, tpos = tiny.node("P2PReplace").execute(tiny.model, tiny.clip, st, src, "a green triangle", 1.0, "", 1.0,
                                                "all").result
-    torch.testing.assert_close(tiny.sample(em, tpos, seed=5, batch=2, sampler="dpmpp_2m")["samples"], plain,
-                               rtol=0, atol=1e-5)
+    assert_same_up_to_batch_rounding(tiny, "dpmpp_2m", tiny.sample(em, tpos, seed=5, batch=2, sampler="dpmpp_2m")["samples"],
+                                     plain, "own maps")
 
 
 def test_auto_keeps_within_the_budget_and_recomputes_above_it(tiny):
@@ -98,16 +121,24 @@ def test_auto_keeps_within_the_budget_and_recomputes_above_it(tiny):
     m, pos, st = store(tiny, "auto", budget_mb=int(budget_mb))
     src = tiny.sample(m, pos, seed=2, batch=2, sampler="heun")
     assert st.mode == "recompute" and st.attention_nbytes() == 0, "outgrowing the budget half-way switches"
-    torch.testing.assert_close(edits(tiny, st, src, "heun", only="replace")["replace"], keep_out, rtol=0, atol=1e-5)
+    assert_same_up_to_batch_rounding(tiny, "heun", edits(tiny, st, src, "heun", only="replace")["replace"], keep_out,
+                                     "replace")
 
 
-def test_recompute_refuses_conditioning_of_another_length(tiny):
-    m, pos, st = store(tiny, "recompute")
-    src = tiny.sample(m, pos, seed=2)
-    em, _ = tiny.node("P2PReplace").execute(tiny.model, tiny.clip, st, src, TARGET, 0.8, "", 0.4, "p2p_16").result
-    long_prompt = tiny.encode(" ".join(["a blue circle"] * 30))  # 90 words: two 77-token chunks
-    with pytest.raises(Exception, match="P2PReplace: .*token lengths"):
-        tiny.sample(em, long_prompt, seed=2)
+def test_recompute_with_a_long_target_prompt_equals_keep(tiny):
+    """A target prompt of two chunks (154 tokens) against a one-chunk source: ComfyUI's way of
+    batching prompts of different lengths (repeating to their common length) lets recompute run
+    both in one batch; the edit is the one keep gives."""
+    long_target = " ".join(["a blue circle"] * 30)  # 90 tokens: two chunks
+    out = {}
+    for strategy in ("keep", "recompute"):
+        m, pos, st = store(tiny, strategy)
+        src = tiny.sample(m, pos, seed=2)
+        em, tpos = tiny.node("P2PRefine").execute(tiny.model, tiny.clip, st, src, long_target, 0.8, "", 0.4,
+                                                  "p2p_16").result
+        assert tpos[0][0].shape[1] == 154
+        out[strategy] = tiny.sample(em, tpos, seed=2)["samples"]
+    assert_same_up_to_batch_rounding(tiny, "euler", out["recompute"], out["keep"], "long target")
 
 
 def test_preview_of_a_recomputing_store_reads_its_token_maps(tiny):
@@ -141,4 +172,4 @@ def test_recompute_edits_a_real_image_as_keep_does(tiny):
         out[strategy] = [tiny.sample_from(mm, tpos, noise, neg)["samples"] for mm in (p2p, fpe)]
         assert st.mode == strategy
     for kept, recomputed in zip(out["keep"], out["recompute"]):
-        torch.testing.assert_close(recomputed, kept, rtol=0, atol=1e-5)
+        assert_same_up_to_batch_rounding(tiny, "euler", recomputed, kept, "real image")

@@ -118,7 +118,7 @@ def main() -> None:
             def fpe():
                 m, spos, st = b.store(src_prompt, "fpe", 1.0, 0.0, strategy=strategy)
                 src = b.sample(m, spos)
-                b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, "fpe", 1.0).result[0], tgt)
+                b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0], tgt)
                 return st
             stores[f"FPE, {strategy}"], t = timed(fpe)
             times.setdefault(f"FPE edit, store: {strategy}", []).append(t)
@@ -131,7 +131,7 @@ def main() -> None:
             noise, inv = b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal", 1.0).result
             m, spos, st = b.store("", "fpe", 1.0, 0.0, inv)
             src = b.sample(m, spos, noise, add_noise=False)
-            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, "fpe", 1.0).result[0], tgt, noise,
+            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0], tgt, noise,
                      add_noise=False)
             return inv
         inv, t = timed(real)

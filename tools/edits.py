@@ -67,7 +67,7 @@ def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=M
         models["P2P + local blend"] = tiny.node("P2PLocalBlend").execute(
             p2p_model, s_words, t_words or s_words, blend["threshold"], 0.2, "", blend["dilate"]).result[0]
     if "FPE" in methods:
-        models["FPE"] = tiny.node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
+        models["FPE"] = tiny.node("FPESelfAttnInject").execute(tiny.model, store, source, **graphs.FPE_DEFAULTS).result[0]
     out: dict[str, list[dict]] = {}
     for name in methods:
         if name in models:
@@ -108,7 +108,7 @@ def run_real_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int) -> d
             edited = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
                                                 **graphs.TINYSD_P2P).result[0]
         else:
-            edited = node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
+            edited = node("FPESelfAttnInject").execute(tiny.model, store, source, **graphs.FPE_DEFAULTS).result[0]
         targets[method] = tiny.sample_from(edited, tgt_pos, noise, neg)
     out: dict[str, list[dict]] = {}
     for method, latent_out in targets.items():

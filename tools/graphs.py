@@ -22,6 +22,7 @@ P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self
 # cross-attention does not localise, so self-attention carries the structure for longer (0.8), and the
 # swapped word gets its own map sooner (0.6), or the old colour stays (tools/eval_edits.py measures both).
 TINYSD_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_attention_layers": "p2p_32"}
+FPE_DEFAULTS = {"layers": "fpe", "until": 0.8}  # FPESelfAttnInject's defaults: FPE's official code
 
 
 def checkpoint_loader(ckpt_name: str) -> dict:
@@ -88,7 +89,7 @@ def edit_graph(edit: str, source_prompt: str, target_prompt: str, seed: int, *, 
     link = {"model": ["loader", 0], "store": ["store", 2], "source_latent": ["source_sampler", 0]}
     extra = dict(edit_inputs or {})
     if edit == "fpe":
-        g["edit"] = _node("FPESelfAttnInject", **link, **{"layers": "fpe", "until": 1.0, **extra})
+        g["edit"] = _node("FPESelfAttnInject", **link, **{**FPE_DEFAULTS, **extra})
         g["target_positive"] = _node("CLIPTextEncode", clip=["loader", 1], text=target_prompt)
         model, positive = ["edit", 0], ["target_positive", 0]
     else:
