@@ -13,6 +13,7 @@ Tensors use ComfyUI's attention layout: q, k, v are (batch, tokens, heads * dim_
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -94,8 +95,12 @@ def cross_edit_jobs(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
 
 def run_jobs(groups: list[list[Job]], heads: int, attention: AttentionFn = sdpa) -> list[torch.Tensor]:
     """Each group's summed attention products, computed in ONE attention call over the
-    concatenated batch (the keys of all jobs must have the same length)."""
+    concatenated batch."""
     jobs = [job for group in groups for job in group]
+    lengths = {job[1].shape[1] for job in jobs}
+    if len(lengths) > 1:  # keys of prompts of different lengths: repeated to a common one, as ComfyUI
+        common = math.lcm(*lengths)  # batches them (a repeated key and value attends exactly as one)
+        jobs = [(q, k.repeat(1, common // k.shape[1], 1), v.repeat(1, common // v.shape[1], 1)) for q, k, v in jobs]
     if len(jobs) == 1:
         return [attention(*jobs[0], heads)]
     out = attention(*(torch.cat([job[i] for job in jobs]) for i in range(3)), heads)

@@ -116,10 +116,10 @@ def test_recorder_token_maps_at_a_520px_latent():
     ex = dict(extra(5.0), original_shape=[1, 4, 65, 65])
     run_source(record, lambda r: LayerPatch(r, "attn2", LAYER)(q, k, v, ex), latent=(1, 4, 65, 65))
     assert record.map_level == 2
-    assert record.maps[K(5.0)].shape == (1, 5, 17, 17)
+    assert record.maps[K(5.0)].shape == (1, T, 17, 17)  # the prompt's 77 tokens
 
 
-def test_recorder_keeps_cond_cross_and_both_self_chunks():
+def test_recorder_keeps_the_cond_chunk_only():
     (q, k, v), (qs, ks, vs) = tensors(0)
     record = make_record()
     outs = {}
@@ -135,14 +135,13 @@ def test_recorder_keeps_cond_cross_and_both_self_chunks():
     assert set(record.cross_q) == {(LAYER.key, sk)}
     assert torch.equal(record.cross_q[(LAYER.key, sk)], q[1:2])
     assert torch.equal(record.cross_k[LAYER.key], k[1:2])
-    assert set(record.self_qk) == {(LAYER.key, sk, 0), (LAYER.key, sk, 1)}
-    assert torch.equal(record.self_qk[(LAYER.key, sk, COND)][0], qs[1:2])
-    assert torch.equal(record.self_qk[(LAYER.key, sk, COND)][1], ks[1:2])
-    assert torch.equal(record.self_qk[(LAYER.key, sk, UNCOND)][0], qs[0:1])
-    assert torch.equal(record.self_qk[(LAYER.key, sk, UNCOND)][1], ks[0:1])
-    # token maps of the cond half at the map level: start + 3 words + end = 5 tokens on a 4x4 grid
-    assert record.maps[sk].shape == (1, 5, 4, 4)
-    torch.testing.assert_close(record.maps[sk], token_maps(q[1:2], k[1:2], HEADS, (4, 4), 5))
+    # self-attention of the cond half only (P2P and FPE edit the conditional half), keyed (layer, sigma key)
+    assert set(record.self_qk) == {(LAYER.key, sk)}
+    assert torch.equal(record.self_qk[(LAYER.key, sk)][0], qs[1:2])
+    assert torch.equal(record.self_qk[(LAYER.key, sk)][1], ks[1:2])
+    # token maps of the cond half at the map level: the prompt's 77 tokens on a 4x4 grid
+    assert record.maps[sk].shape == (1, T, 4, 4)
+    torch.testing.assert_close(record.maps[sk], token_maps(q[1:2], k[1:2], HEADS, (4, 4), T))
     assert record.complete and record.run_id and record.latent_shape == (1, 4, H, W)
     assert torch.equal(result, torch.ones(1, 4, H, W)) and torch.equal(record.result, result)
     assert record.nbytes() > 0
@@ -177,7 +176,7 @@ def test_recorder_respects_step_ranges_layers_and_map_level():
 
     run_source(record, calls)
     assert {s for _, s in record.cross_q} == {K(10.0), K(7.0), K(5.0)}
-    assert {s for _, s, _ in record.self_qk} == {K(10.0), K(7.0)}
+    assert {s for _, s in record.self_qk} == {K(10.0), K(7.0)}
     assert all(key == LAYER.key for key, _ in record.cross_q)
     assert record.map_level == 1  # 8x8 = 64 positions
     assert record.maps == {}  # the layer is at level 2
@@ -257,12 +256,17 @@ def test_editor_injects_into_the_cond_half_only():
     out = LayerPatch(editor, "attn2", LAYER)(q2, k2, v2, extra(5.0))
     plain = sdpa(q2, k2, v2, HEADS)
     assert torch.equal(out[0:1], plain[0:1])  # uncond untouched
-    want = edit_cross_attention(q2[1:2], k2[1:2], v2[1:2], q1[1:2], k1[1:2], torch.eye(T), aligned, eq, HEADS)
+    ws, wt = cross.weights(1, 4)  # sigma 5 = step 1 of 4
+    want = edit_cross_attention(q2[1:2], k2[1:2], v2[1:2], q1[1:2], k1[1:2], torch.eye(T), ws, wt, HEADS)
+    # the same fused products computed in a batch of 2 vs of 1: float32 rounding only
     torch.testing.assert_close(out[1:2], want, atol=1e-6, rtol=0)
     assert not torch.allclose(out[1:2], plain[1:2], atol=1e-3)
-    # self-attention: each half reads its own values through the same half of the source
+    # (f) self-attention: the cond chunk reads its values through the source's cond map; the
+    # uncond chunk attends as usual (both reference implementations edit only the conditional half)
     out = LayerPatch(editor, "attn1", LAYER)(qs2, ks2, vs2, extra(5.0))
-    torch.testing.assert_close(out, sdpa(qs1, ks1, vs2, HEADS), atol=1e-6, rtol=0)
+    assert torch.equal(out[0:1], sdpa(qs2, ks2, vs2, HEADS)[0:1])
+    torch.testing.assert_close(out[1:2], sdpa(qs1[1:2], ks1[1:2], vs2[1:2], HEADS), atol=1e-6, rtol=0)
+    assert not torch.allclose(out[0:1], sdpa(qs1[0:1], ks1[0:1], vs2[0:1], HEADS), atol=1e-3)
 
 
 def test_editor_step_ranges():
@@ -328,7 +332,7 @@ def test_editor_expands_a_source_batch_of_one():
     out = LayerPatch(editor, "attn2", LAYER)(q2, k2, v2, extra(5.0, batch=2))
     for r in (2, 3):
         want = edit_cross_attention(q2[r:r + 1], k2[r:r + 1], v2[r:r + 1], cross[0][1:2], cross[1][1:2],
-                                    torch.eye(T), torch.ones(T), torch.ones(T), HEADS)
+                                    torch.eye(T), torch.ones(T), torch.zeros(T), HEADS)
         torch.testing.assert_close(out[r:r + 1], want, atol=1e-6, rtol=0)
     assert torch.equal(out[0:2], sdpa(q2[0:2], k2[0:2], v2[0:2], HEADS))
 
@@ -362,7 +366,7 @@ def test_repeated_sigmas_pair_the_nth_source_and_target_evaluations():
     run_source(record, calls)
     assert {s for _, s in record.cross_q} == {K(10.0), K(5.0), K(5.0, 1), K(2.0)}
     assert torch.equal(record.cross_q[(LAYER.key, K(5.0, 1))], src["5b"][0][0][1:2])
-    assert torch.equal(record.self_qk[(LAYER.key, K(5.0, 1), UNCOND)][0], src["5b"][1][0][0:1])
+    assert torch.equal(record.self_qk[(LAYER.key, K(5.0, 1))][0], src["5b"][1][0][1:2])
     editor = full_editor(record)
     (q2, k2, v2), (qs2, ks2, vs2) = tensors(100)
     got = {}
@@ -375,9 +379,10 @@ def test_repeated_sigmas_pair_the_nth_source_and_target_evaluations():
     in_run(editor, target)
     for name, ((q1, k1, _), (qs1, ks1, _)) in src.items():
         want_x = edit_cross_attention(q2[1:2], k2[1:2], v2[1:2], q1[1:2], k1[1:2], torch.eye(T), torch.ones(T),
-                                      torch.ones(T), HEADS)
+                                      torch.zeros(T), HEADS)
         torch.testing.assert_close(got[name][0][1:2], want_x, atol=1e-6, rtol=0)
-        torch.testing.assert_close(got[name][1], sdpa(qs1, ks1, vs2, HEADS), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[name][1][1:2], sdpa(qs1[1:2], ks1[1:2], vs2[1:2], HEADS), atol=1e-6, rtol=0)
+        assert torch.equal(got[name][1][0:1], sdpa(qs2, ks2, vs2, HEADS)[0:1])  # uncond: plain
     assert not torch.allclose(got["5a"][0], got["5b"][0], atol=1e-3)
 
 
@@ -390,14 +395,34 @@ def test_occurrences():
     assert key_sigma("2.5#3") == 2.5 and key_sigma(K(14.6146, 2)) == pytest.approx(14.6146)
 
 
-def test_cross_edit_alpha_per_word_schedules():
+def test_cross_edit_window_and_weights_per_word_schedules():
     aligned = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
     ce = CrossEdit(torch.eye(5), aligned, StepRange(0, 0.5), word_steps={2: StepRange(0, 1), 3: StepRange(0, 1),
                                                                          4: StepRange(0, 0.25)})
-    assert ce.alpha(0, 4).tolist() == [1, 1, 1, 0, 1]
-    assert ce.alpha(1, 4).tolist() == [1, 1, 1, 0, 0]
-    assert ce.alpha(3, 4).tolist() == [0, 0, 1, 0, 0]  # unaligned token 3 never takes the source
+    assert ce.window(0, 4).tolist() == [1, 1, 1, 1, 1]
+    assert ce.window(1, 4).tolist() == [1, 1, 1, 1, 0]
+    assert ce.window(3, 4).tolist() == [0, 0, 1, 1, 0]
+    ws, wt = ce.weights(3, 4)
+    assert ws.tolist() == [0, 0, 1, 0, 0]  # unaligned token 3 never takes the source
+    assert wt.tolist() == [1, 1, 0, 1, 1]
+    ws, wt = ce.weights(0, 4)
+    assert ws.tolist() == [1, 1, 1, 0, 1] and wt.tolist() == [0, 0, 0, 1, 0]
+    assert ce.active(3, 4) and ce.active(0, 4)
     assert aligned.tolist() == [1, 1, 1, 0, 1]  # not modified in place
+    # the window of every token closed: no edit
+    idle = CrossEdit(torch.eye(5), aligned, StepRange(0, 0.25))
+    assert not idle.active(2, 4) and idle.weights(2, 4)[1].tolist() == [1] * 5
+
+
+def test_cross_edit_weights_with_an_equalizer():
+    # ws = t g c, wt = 1 - t + t (1 - g) c: inside the window a new word's own column is scaled too
+    aligned = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    c = torch.tensor([1.0, 2.0, 3.0, 1.0])
+    ce = CrossEdit(torch.eye(4), aligned, StepRange(0, 0.5), equalizer=c)
+    ws, wt = ce.weights(0, 4)
+    assert ws.tolist() == [1, 2, 0, 0] and wt.tolist() == [0, 0, 3, 1]
+    ws, wt = ce.weights(3, 4)  # outside the window: the target's own maps, not re-weighted
+    assert ws.tolist() == [0, 0, 0, 0] and wt.tolist() == [1, 1, 1, 1]
 
 
 # ------------------------------------------------------------------ Editor.check
@@ -532,3 +557,216 @@ def test_deepcopy_returns_the_same_controllers(finished_record):
     assert cloned is not options
     assert cloned["transformer_options"]["patches_replace"]["attn2"][LAYER.key] is patch
     assert patch.controller is recorder and recorder.record is finished_record
+
+
+# ------------------------------------------------------------------ P2P's re-weighting after a refine
+def ref_maps64(q, k, heads):
+    """softmax(q kᵀ/√d) per head in float64: (B, heads, Nq, L)."""
+    d = q.shape[-1] // heads
+    split = lambda t: t.double().reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    return torch.softmax(split(q) @ split(k).transpose(-1, -2) / d**0.5, dim=-1)
+
+
+def apply_maps64(M, v, heads):
+    """M (B, heads, Nq, L) times v (B, L, heads * d), float64, back to (B, Nq, heads * d)."""
+    d = v.shape[-1] // heads
+    out = M @ v.double().reshape(v.shape[0], v.shape[1], heads, d).transpose(1, 2)
+    return out.transpose(1, 2).reshape(v.shape[0], M.shape[2], -1)
+
+
+def test_reweighting_a_target_added_word_doubles_its_column_inside_the_window():
+    # (b) refine "soup" -> "pea soup with croutons", then re-weight 'croutons' by 2 (P2P's
+    # AttentionReweight with an AttentionRefine as prev_controller)
+    from attention.align import refine_mapper
+    vocab = {"soup": [15], "pea": [16], "with": [13], "croutons": [17, 18]}
+    src = parse_prompt("soup", lambda w: vocab[w])
+    tgt = parse_prompt("pea soup with croutons", lambda w: vocab[w])
+    croutons = tgt.positions("croutons")
+    assert croutons == [4, 5]
+    A, aligned = refine_mapper(src, tgt)
+    c = torch.ones(T)
+    c[croutons] = 2.0
+    ce = CrossEdit(A, aligned, StepRange(0, 0.5, cross=True), equalizer=c)
+    q_t, k_t, v_t = rand(1, NQ, C, seed=81), rand(1, T, C, seed=82), rand(1, T, C, seed=83)
+    q_s, k_s = rand(1, NQ, C, seed=84), rand(1, T, C, seed=85)
+    Ms, Mt = ref_maps64(q_s, k_s, HEADS), ref_maps64(q_t, k_t, HEADS)
+    g, A64, c64 = aligned.double(), A.double(), c.double()
+    for step, inside in ((0, True), (1, True), (2, False), (3, False)):  # int(0.5 * 5) = 2 steps at 4 steps
+        assert ce.active(step, 4) == inside
+        # P2P's composition, step by step in float64: refine (the source's map through the mapper
+        # where aligned, the target's own elsewhere), re-weight every column, then the time window
+        refined = (Ms @ A64) * g + Mt * (1 - g)
+        t = 1.0 if inside else 0.0
+        M_new = t * (refined * c64) + (1 - t) * Mt
+        if inside:
+            torch.testing.assert_close(M_new[..., croutons], 2 * Mt[..., croutons], atol=1e-15, rtol=0)
+        else:
+            assert torch.equal(M_new, Mt)
+        ws, wt = ce.weights(step, 4)
+        got = edit_cross_attention(q_t, k_t, v_t, q_s, k_s, A, ws, wt, HEADS)
+        # float32 fused attention vs explicit float64 maps (|v| ~ 3, weights <= 2, 77 keys): ~100 ulp
+        torch.testing.assert_close(got.double(), apply_maps64(M_new, v_t, HEADS), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ local blend
+def test_local_blend_mask_subtracts_the_unpooled_union_and_meets_a_region():
+    # (c) as inject.blend_mask: the words' pooled union less the subtracted words' unpooled union
+    src = torch.zeros(1, 4, 8, 8)
+    tgt = torch.zeros(1, 4, 8, 8)
+    src[0, 1, 3, 3] = src[0, 1, 3, 4] = 1.0  # pooled: rows 2..4, cols 2..5
+    src[0, 3, 2, 2] = 1.0
+    tgt[0, 1, 2, 3] = 1.0  # pooled: rows 1..3, cols 2..4
+    tgt[0, 3, 4, 5] = 1.0
+    words = torch.zeros(1, 1, 8, 8)
+    words[..., 2:5, 2:6] = 1
+    words[..., 1:4, 2:5] = 1
+    blend = LocalBlend([1], [1], threshold=0.3, subtract_source=[3], subtract_target=[3], dilate=1)
+    want = words.clone()
+    want[..., 2, 2] = want[..., 4, 5] = 0
+    assert torch.equal(blend.mask(src, tgt, (8, 8)), want)
+    # a MASK region (left half) meets the words' mask; the subtracted words stay the source anyway
+    region = torch.zeros(1, 8, 8)
+    region[:, :, :4] = 1.0
+    left = torch.zeros(1, 1, 8, 8)
+    left[..., :4] = 1
+    inter = LocalBlend([1], [1], subtract_source=[3], subtract_target=[3], region=region, combine="intersect")
+    assert torch.equal(inter.mask(src, tgt, (8, 8)), want * left)
+    union = LocalBlend([1], [1], subtract_source=[3], subtract_target=[3], region=region, combine="union")
+    both = torch.maximum(words, left)
+    both[..., 2, 2] = both[..., 4, 5] = 0
+    assert torch.equal(union.mask(src, tgt, (8, 8)), both)
+    only = LocalBlend([1], [1], subtract_source=[3], region=region, combine="mask only")
+    region_less = left.clone()
+    region_less[..., 2, 2] = 0
+    assert torch.equal(only.mask(src, None, (8, 8)), region_less)
+    assert not only.needs_target_maps and blend.needs_target_maps
+
+
+def test_editor_local_blend_reads_the_target_map_after_the_cross_edit():
+    # P2P stores the target's cross-attention after editing it in place: with a full injection
+    # (identity mapper, every token aligned) the target's blend map is the source's, so the mask
+    # is the source word's blob only, not the union with the target's own blob
+    q1, k1, v1 = peaked(0, pixel=15)  # source's word at (3, 3)
+    _, self1 = tensors(0)
+    record = record_of((q1, k1, v1), self1, sigmas=(10.0, 5.0, 2.0))
+    src_d = {s: torch.full((1, 4, H, W), s) for s in (10.0, 5.0, 2.0)}
+    for s, d in src_d.items():
+        record.denoised[K(s)] = d
+    blend = LocalBlend(source_positions=[2], target_positions=[2], threshold=0.3, start=0.5)
+    cross = CrossEdit(torch.eye(T), torch.ones(T), StepRange(0, 1, cross=True))
+    editor = Editor(record, record.run_id, cross=cross, blend=blend, target=P("a red circle"))
+    q2, k2, v2 = peaked(100, pixel=0)  # target's word at (0, 0)
+    seen = {}
+
+    def executor(noise, latent, sampler, sigmas):
+        patch = LayerPatch(editor, "attn2", LAYER)
+        for s in (10.0, 5.0, 2.0):
+            patch(q2, k2, v2, extra(s))
+            seen[s] = editor.post_cfg({"sigma": torch.tensor([s]), "denoised": torch.full((1, 4, H, W), -1.0)})
+        return None
+
+    editor.outer_sample(executor, torch.zeros(1, 4, H, W), None, None, SIGMAS)
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., 8:, 8:] = 1  # the source's (3, 3) blob dilated to rows/cols 2..3, x4 up to the latent
+    want = src_d[2.0] + mask * (torch.full((1, 4, H, W), -1.0) - src_d[2.0])
+    assert torch.equal(seen[2.0], want)
+
+
+# ------------------------------------------------------------------ recompute strategy
+def recompute_record():
+    keys = frozenset({LAYER.key})
+    spec = RecordSpec(cross_layers=keys, cross_steps=StepRange(0, 1), self_layers=keys, self_steps=StepRange(0, 1),
+                      map_positions=16, strategy="recompute")
+    return SourceRecord(spec, P("a red circle"), "model", {LAYER.key: LAYER})
+
+
+def test_recorder_keeps_the_inputs_of_the_cond_half_only():
+    record = recompute_record()
+    x, c = rand(2, 4, H, W, seed=91), rand(2, T, C, seed=92)  # rows: uncond, cond
+    y = rand(2, 8, seed=93)
+
+    def calls(recorder):
+        for s in (10.0, 5.0):
+            recorder.apply_model(lambda *a, **kw: "out", x * s, torch.tensor([s, s]), None, c, None,
+                                 {"cond_or_uncond": [1, 0]}, y=y)
+
+    run_source(record, calls)
+    assert record.recompute
+    assert set(record.inputs) == {K(10.0), K(5.0)} and set(record.conds) == {K(10.0), K(5.0)}
+    assert torch.equal(record.inputs[K(5.0)], x[1:2] * 5.0)
+    assert set(record.conds[K(5.0)]) == {"c_crossattn", "y"}
+    assert torch.equal(record.conds[K(5.0)]["c_crossattn"], c[1:2]) and torch.equal(record.conds[K(5.0)]["y"], y[1:2])
+    assert record.conds[K(5.0)] is record.conds[K(10.0)]  # an unchanged prompt is kept once
+
+
+def test_editor_recompute_batches_the_cond_source_rows_first():
+    from attention.controllers import LIVE_SOURCE
+    record = recompute_record()
+    x_src, c_src = rand(2, 4, H, W, seed=94), rand(2, T, C, seed=95)
+    run_source(record, lambda r: r.apply_model(lambda *a, **kw: None, x_src, torch.tensor([5.0, 5.0]), None, c_src,
+                                               None, {"cond_or_uncond": [1, 0]}))
+    editor = Editor(record, record.run_id, cross=CrossEdit(torch.eye(T), torch.ones(T), StepRange(0, 1)),
+                    target=P("a red circle"))
+    # a two-chunk target conditioning: the source's 77 tokens are repeated to 154, as ComfyUI batches
+    x, c = rand(2, 4, H, W, seed=96), rand(2, 2 * T, C, seed=97)
+    seen = {}
+
+    def executor(xs, ts, c_concat, c_crossattn, control, opts, **kw):
+        seen.update(xs=xs, ts=ts, c=c_crossattn, opts=opts)
+        return xs * 2
+
+    out = in_run(editor, lambda: editor.apply_model(executor, x, torch.tensor([5.0, 5.0]), None, c, None,
+                                                    {"cond_or_uncond": [1, 0]}))
+    assert torch.equal(seen["xs"], torch.cat([x_src[1:2], x]))  # the source's cond row, then the target's
+    assert torch.equal(seen["ts"], torch.tensor([5.0, 5.0, 5.0]))
+    assert torch.equal(seen["c"], torch.cat([c_src[1:2].repeat(1, 2, 1), c]))
+    assert seen["opts"]["cond_or_uncond"] == [COND, 1, 0] and seen["opts"][LIVE_SOURCE] == 1
+    assert torch.equal(out, x * 2)  # the target's rows only
+
+
+def test_area_conditioning_is_refused():
+    record = recompute_record()
+    crop = rand(2, 4, H // 2, W // 2, seed=98)
+
+    def calls(recorder):
+        recorder.apply_model(lambda *a, **kw: None, crop, torch.tensor([5.0, 5.0]), None, rand(2, T, C, seed=99),
+                             None, {"cond_or_uncond": [1, 0]})
+
+    with pytest.raises(RecordError, match="crop"):
+        run_source(record, calls)
+    cross, self_ = tensors(0)
+    finished = record_of(cross, self_)
+    editor = full_editor(finished)
+    with pytest.raises(RecordError, match="ConditioningSetArea"):
+        in_run(editor, lambda: editor.apply_model(lambda *a, **kw: None, crop, torch.tensor([5.0, 5.0]), None,
+                                                  rand(2, T, C, seed=99), None, {"cond_or_uncond": [1, 0]}))
+
+
+# ------------------------------------------------------------------ several chunks
+def test_editor_two_chunk_target_against_a_one_chunk_kept_source():
+    # (e) keep strategy: the source's cond keys were kept at 77 tokens; the target's prompt is two
+    # chunks (154 keys; ComfyUI repeated the 77-token negative to 154 in the same batch)
+    from attention.align import refine_mapper
+    from attention.tokens import prompt_from_tokens
+    (q1, k1, v1), self1 = tensors(0)
+    record = record_of((q1, k1, v1), self1)
+    pieces = {1: "a</w>", 2: "red</w>", 3: "circle</w>"}
+    text = " ".join(["a"] * 75 + ["circle"])
+    body = lambda entries: ([(49406, 1.0, 0)] + [(t, 1.0, w) for t, w in entries]  # noqa: E731
+                            + [(49407, 1.0, 0)] * (T - 1 - len(entries)))
+    tgt = prompt_from_tokens(text, [body([(1, i + 1) for i in range(75)]), body([(3, 76)])], pieces.get, text)
+    assert tgt.length == 2 * T
+    A, aligned = refine_mapper(record.prompt, tgt)
+    cross = CrossEdit(A, aligned, StepRange(0, 1))
+    editor = Editor(record, record.run_id, cross=cross, target=tgt)
+    editor.check(SIGMAS, (1, 4, H, W))
+    q2, v2 = rand(2, NQ, C, seed=101), rand(2, 2 * T, C, seed=102)
+    k2 = rand(2, 2 * T, C, seed=103)
+    k2[0, T:] = k2[0, :T]  # the uncond row: a 77-token negative repeated
+    out = LayerPatch(editor, "attn2", LAYER)(q2, k2, v2, extra(5.0))
+    ws, wt = cross.weights(1, 4)
+    M_new = ((ref_maps64(q1[1:2], k1[1:2], HEADS) @ A.double()) * ws.double()
+             + ref_maps64(q2[1:2], k2[1:2], HEADS) * wt.double())
+    # float32 fused attention vs explicit float64 maps over 154 keys: as above, ~100 ulp
+    torch.testing.assert_close(out[1:2].double(), apply_maps64(M_new, v2[1:2], HEADS), atol=1e-5, rtol=0)
+    assert torch.equal(out[0:1], sdpa(q2, k2, v2, HEADS)[0:1])  # uncond: plain

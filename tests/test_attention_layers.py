@@ -96,14 +96,30 @@ def test_presets():
     layers = unet_attention_layers(FakeSD15UNet())
     assert select_layers(layers, "all") == layers
     assert select_layers(layers, "none") == []
+    # (h) "fpe": FPE's official code edits the maps of at most 32x32 positions at 512 px (level >= 1):
+    # SD1.5 indices 2..12
     fpe = select_layers(layers, "fpe")
-    assert [l.index for l in fpe] == list(range(4, 15))
-    assert keys(fpe) == [("input", 7), ("input", 8), ("middle", 0)] + [("output", i) for i in range(3, 11)]
+    assert [l.index for l in fpe] == list(range(2, 13))
+    assert keys(fpe) == [("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0)] + [
+        ("output", i) for i in range(3, 9)]
+    # "fpe_4_14": the paper's "layers 4-14", as forward-order indices 4..14
+    band = select_layers(layers, "fpe_4_14")
+    assert [l.index for l in band] == list(range(4, 15))
+    assert keys(band) == [("input", 7), ("input", 8), ("middle", 0)] + [("output", i) for i in range(3, 11)]
     assert keys(select_layers(layers, "p2p_16")) == [("input", 7), ("input", 8), ("middle", 0),
                                                      ("output", 3), ("output", 4), ("output", 5)]
     assert keys(select_layers(layers, "p2p_32")) == [("input", 4), ("input", 5), ("input", 7), ("input", 8),
                                                      ("middle", 0)] + [("output", i) for i in range(3, 9)]
-    assert set(PRESETS) == {"all", "fpe", "p2p_16", "p2p_32", "none"}
+    assert set(PRESETS) == {"all", "fpe", "fpe_4_14", "p2p_16", "p2p_32", "none"}
+    assert [l.index for l in select_layers(layers, "level 1")] == [2, 3, 10, 11, 12]
+
+
+def test_fpe_presets_on_a_unet_with_70_attention_layers():
+    # SDXL-like: attention from level 1 on; "fpe" keeps them all, "fpe_4_14" scales the band to
+    # ceil(4 * 70 / 16) = 18 .. floor(14 * 70 / 16) = 61
+    layers = [AttentionLayer("input", i, 0, i, 1 + (i % 2)) for i in range(70)]
+    assert select_layers(layers, "fpe") == layers
+    assert [l.index for l in select_layers(layers, "fpe_4_14")] == list(range(18, 62))
 
 
 def test_unknown_preset():

@@ -64,7 +64,7 @@ def test_keep_copies_or_casts_and_nbytes():
     assert r16.keep(torch.ones(2, 3)).dtype == torch.float16
     r.begin(SIGMAS, (1, 4, 16, 16))
     r.cross_q[("k", "s")] = torch.zeros(2, 3)  # 24 bytes
-    r.self_qk[("k", "s", 0)] = (torch.zeros(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16))  # 16
+    r.self_qk[("k", "s")] = (torch.zeros(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16))  # 16
     r.denoised["s"] = torch.zeros(1)  # 4
     assert r.nbytes() == 24 + 16 + 4
 
@@ -88,11 +88,11 @@ def strategy_record(strategy: str, budget: int, cross_until: float = 0.5) -> Sou
 
 
 def first_step(r: SourceRecord) -> None:
-    """What a first step leaves: one cross query (1 KiB), the keys (0.5 KiB), one input."""
+    """What a first step leaves: one cross query (1 KiB), the keys (0.5 KiB), the cond half's input."""
     key, sk = ("input", 1, 0), "10#0"
     r.cross_q[(key, sk)] = torch.zeros(256)
     r.cross_k[key] = torch.zeros(128)
-    r.inputs[(sk, 0)] = torch.zeros(16)
+    r.inputs[sk] = torch.zeros(16)  # keyed by the sigma key: only the cond half is kept
 
 
 def test_decide_estimates_every_step_and_picks_by_budget():
@@ -124,3 +124,16 @@ def test_auto_switches_when_the_run_outgrows_the_budget():
     assert r.mode == "recompute" and r.attention_nbytes() == 0
     r.finish(torch.zeros(1, 4, 8, 8))
     assert r.inputs, "a recomputing store keeps its inputs"
+
+
+def test_map_tokens_makes_maps_of_the_whole_conditioning():
+    # the token maps cover the prompt's 77 positions per chunk (the end token and padding included)
+    r = record()
+    r.begin(SIGMAS, (1, 4, 8, 8))
+    key = LAYERS[0].key
+    r.layer_hw[key] = (2, (2, 2))
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 77, 16)
+    r.map_tokens(key, "10#0", q, k)
+    assert r.prompt.length == 77 and r.maps["10#0"].shape == (1, 77, 2, 2)
+    # every pixel's head-averaged attention over the 77 tokens sums to one (float32 softmax)
+    torch.testing.assert_close(r.maps["10#0"].sum(1), torch.ones(1, 2, 2), atol=1e-6, rtol=0)

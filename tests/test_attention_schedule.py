@@ -11,7 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from attention.schedule import ScheduleError, StepRange, parse_word_fractions, sigma_key, step_index  # noqa: E402
+from attention.schedule import (ScheduleError, StepRange, parse_word_fractions, parse_word_values,  # noqa: E402
+                                sigma_key, step_index)
 
 SIGMAS = torch.tensor([14.6146, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0])  # 6 steps, ends at 0
 
@@ -63,6 +64,27 @@ def test_step_range_p2p_semantics():
     assert active_steps(StepRange(0.0, 0.05), 10) == []  # int(0.5) = 0
 
 
+def test_cross_step_range_uses_p2p_n_plus_one_rows():
+    # (d) P2P's get_time_words_attention_alpha has N + 1 rows: tau = 0.55 at 50 steps injects
+    # int(0.55 * 51) = 28 steps, where the self-attention rule int(0.55 * 50) gives 27
+    assert active_steps(StepRange(0, 0.55, cross=True), 50) == list(range(28))
+    assert active_steps(StepRange(0, 0.55), 50) == list(range(27))
+    assert active_steps(StepRange(0.25, 0.75, cross=True), 10) == [2, 3, 4, 5, 6, 7]  # int(2.75), int(8.25)
+    assert active_steps(StepRange(0.25, 0.75), 10) == [2, 3, 4, 5, 6]  # int(2.5), int(7.5)
+    assert active_steps(StepRange(0, 1, cross=True), 10) == list(range(10))  # never past the last step
+    assert StepRange(0, 0.5) != StepRange(0, 0.5, cross=True)
+
+
+def test_cross_rule_differs_from_the_n_rule_for_8_of_21_fractions_at_12_steps():
+    taus = [round(i * 0.05, 2) for i in range(21)]  # 0.00, 0.05 .. 1.00
+    cross = {t: len(active_steps(StepRange(0, t, cross=True), 12)) for t in taus}
+    plain = {t: len(active_steps(StepRange(0, t), 12)) for t in taus}
+    differ = [t for t in taus if cross[t] != plain[t]]
+    assert differ == [0.4, 0.55, 0.65, 0.7, 0.8, 0.85, 0.9, 0.95]
+    assert all(cross[t] == int(t * 13) and plain[t] == int(t * 12) for t in taus if t < 1)
+    assert all(cross[t] - plain[t] in (0, 1) for t in taus)
+
+
 def test_step_range_empty():
     assert StepRange(0.0, 0.0).empty and StepRange(0.4, 0.4).empty
     assert not StepRange(0.0, 0.1).empty
@@ -87,7 +109,15 @@ def test_parse_word_fractions():
     assert parse_word_fractions(" car = 0.25 ; dog=1 ,cat=0") == {"car": 0.25, "dog": 1.0, "cat": 0.0}
     assert parse_word_fractions("") == {}
     assert parse_word_fractions(" , ; ") == {}
-    assert parse_word_fractions("car=0.2, car=0.7") == {"car": 0.7}  # the last one wins
+
+
+def test_parse_word_values_refuses_a_word_given_twice():
+    # (g) a word given twice is ambiguous: an error naming it, not "the last one wins"
+    with pytest.raises(ScheduleError, match="'car' is given twice"):
+        parse_word_fractions("car=0.2, car=0.7")
+    with pytest.raises(ScheduleError, match="given twice"):
+        parse_word_values("dog=2, cat=1; dog=2", low=-10, high=10, what="weight")
+    assert parse_word_values("dog=2, cat=-1", low=-10, high=10, what="weight") == {"dog": 2.0, "cat": -1.0}
 
 
 @pytest.mark.parametrize("text,needle", [

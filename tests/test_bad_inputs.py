@@ -44,7 +44,14 @@ def other_size(graph: dict, size=192, batch=1) -> dict:
     return g
 
 
-LONG = " ".join(["a red circle"] * 30)
+def area_target(graph: dict) -> dict:
+    """The target's positive restricted to an area: the model then runs on a crop."""
+    g = copy.deepcopy(graph)
+    g["area"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["edit", 1], "width": 64, "height": 64,
+                                                                 "x": 0, "y": 0, "strength": 1.0}}
+    g["target_sampler"]["inputs"]["positive"] = ["area", 0]
+    return g
+
 
 # name -> (graph, fragments the error must contain: node, input, fix)
 CASES = {
@@ -68,8 +75,9 @@ CASES = {
                                ["P2PReplace", "source_latent", "connect the source sampler's LATENT"]),
     "store used before its source ran": (source_never_ran(edit(source="a green square", target="a blue square")),
                                          ["P2PReplace", "source_latent", "not recorded a source run yet"]),
-    "prompt longer than 75 tokens": (edit(source=LONG, target=LONG.replace("red", "blue")),
-                                     ["AttentionStore", "source_prompt", "75"]),
+    "a word weighted twice": (edit("reweight", "a red circle", "a red circle", edit_inputs={"weights": "red=2, red=0.5"}),
+                              ["P2PReweight", "'weights'", "'red' is given twice"]),
+    "area conditioning on the target": (area_target(edit()), ["P2PReplace", "ConditioningSetArea", "ConditioningSetMask"]),
     "empty target prompt": (edit(target=""), ["P2PReplace", "target_prompt", "empty"]),
     "FPE layers the store did not keep": (edit("fpe", store={"self_attention_layers": "none"}),
                                           ["FPESelfAttnInject", "'layers'", "self_attention_layers"]),
