@@ -17,7 +17,7 @@ from .inversion import Trajectory, anchored_denoised
 from .inject import (AttentionFn, Job, cross_edit_jobs, edited_maps, expand_columns, expand_mapper,
                      key_layout, run_jobs, sdpa, token_maps, words_mask)
 from .layers import AttentionLayer
-from .record import COND, RecordError, SourceRecord, cumulative_maps
+from .record import COND, RecordError, SourceRecord, by_evaluation, cumulative_maps
 from .schedule import StepRange, sigma_key, step_index
 from .tokens import Prompt
 
@@ -46,12 +46,23 @@ def current_sigma(extra: dict) -> float:
 
 class Occurrences:
     """Names each model evaluation of a run: samplers such as heun evaluate the model twice at the
-    same sigma (a correction, then the next step), so a key is the sigma and its occurrence number,
-    counted per layer and chunk. Source and target sample alike, so their keys agree."""
+    same sigma (a correction, then the next step), so a key is the sigma and its evaluation number.
+    The guider's predict_noise wrapper opens each evaluation (`begin`): every model call inside it
+    (split cond/uncond batches, a second positive of ConditioningCombine, PAG's perturbed pass)
+    shares its key. Without it, calls are counted per layer and chunk. Source and target sample
+    alike, so their keys agree."""
 
     def __init__(self):
         self.seen: dict[tuple, int] = {}
+        self.evaluations: dict[str, int] = {}
+        self.current: tuple[str, str] | None = None  # (sigma key, evaluation key) of the open evaluation
         self.steps: dict[float, int] = {}  # sigma -> step index: every layer asks, once per model call
+
+    def begin(self, sigma: float) -> None:
+        sk = sigma_key(sigma)
+        n = self.evaluations.get(sk, 0)
+        self.evaluations[sk] = n + 1
+        self.current = (sk, f"{sk}#{n}")
 
     def step(self, sigma: float, sample_sigmas: torch.Tensor) -> int:
         if sigma not in self.steps:
@@ -60,9 +71,20 @@ class Occurrences:
 
     def key(self, sigma: float, *where) -> str:
         sk = sigma_key(sigma)
+        if self.current is not None and self.current[0] == sk:
+            return self.current[1]
         n = self.seen.get((sk, *where), 0)
         self.seen[(sk, *where)] = n + 1
         return f"{sk}#{n}"
+
+
+def predict_noise(occurrences: Occurrences, executor, x, timestep, model_options, seed):
+    """Opens a model evaluation for `occurrences` (see Occurrences)."""
+    occurrences.begin(float(torch.as_tensor(timestep).flatten()[0]))
+    try:
+        return executor(x, timestep, model_options, seed)
+    finally:
+        occurrences.current = None
 
 
 def key_sigma(key: str) -> float:
@@ -134,12 +156,16 @@ class Recorder(Shared):
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
+        self.record.settings = run_settings(executor, noise, sampler)
         self.occurrences, self.last_cond = Occurrences(), None
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record.mode == "pending":
             self.record.decide()
         self.record.finish(out)
         return out
+
+    def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
+        return predict_noise(self.occurrences, executor, x, timestep, model_options, seed)
 
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         """Keeps the model's inputs (latent-sized) while the store may recompute the source later."""
@@ -152,6 +178,8 @@ class Recorder(Shared):
                 if cou != COND:  # the edits read the conditional half only
                     continue
                 sk = self.occurrences.key(sigma, "input", cou)
+                if sk in rec.inputs:  # a second call of this evaluation (PAG, ConditioningCombine)
+                    continue
                 rec.inputs[sk] = x[rows].detach()
                 rec.conds[sk] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond))
                 self.last_cond = sk
@@ -169,7 +197,7 @@ class Recorder(Shared):
         for cou, rows in chunks(extra, q.shape[0]):
             sk = self.occurrences.key(sigma, patch.kind, key, cou)
             if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
-                if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level:
+                if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level and (key, sk) not in rec._maps:
                     hw = spatial_hw(extra, q.shape[1])
                     rec.layer_hw.setdefault(key, (extra["n_heads"], hw))
                     rec.map_tokens(key, sk, q[rows], k[rows])
@@ -177,9 +205,9 @@ class Recorder(Shared):
             if cou != COND:  # P2P and FPE edit the conditional half only
                 continue
             if patch.kind == "attn1":
-                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
+                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps) and (key, sk) not in rec.self_qk:
                     rec.self_qk[(key, sk)] = (rec.keep(q[rows]), rec.keep(k[rows]))
-            else:
+            elif (key, sk) not in rec.map_q and (key, sk) not in rec.cross_q:  # the evaluation's first call
                 kept = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
                     kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
@@ -248,6 +276,31 @@ def check_whole_latent(x: torch.Tensor, latent_shape, node: str) -> None:
         raise RecordError(f"{node}: the model was called on a {tuple(x.shape[-2:])} crop of the {tuple(latent_shape[-2:])} "
                           "latent (area conditioning such as ConditioningSetArea): attention editing needs conditioning "
                           "of the whole image; use ConditioningSetMask (set_cond_area 'default') instead, or drop the area")
+
+
+def run_settings(executor, noise: torch.Tensor, sampler) -> dict:
+    """What an outer_sample wrapper can see of a run's settings: its noise, sampler and cfg."""
+    function = getattr(sampler, "sampler_function", None)
+    cfg = getattr(getattr(executor, "class_obj", None), "cfg", None)
+    return {"noise": noise.detach().float().cpu(),
+            "sampler": getattr(function, "__name__", "").removeprefix("sample_") or None,
+            "cfg": float(cfg) if isinstance(cfg, (int, float)) else None}
+
+
+def schedule_difference(sigmas: torch.Tensor, source: torch.Tensor) -> str | None:
+    """Which setting makes a target's sigmas differ from the source's, or None if they agree."""
+    steps, src_steps = len(sigmas) - 1, len(source) - 1
+    if steps == src_steps and torch.allclose(sigmas, source, rtol=1e-4, atol=1e-6):
+        return None
+    if not torch.allclose(sigmas[:1], source[:1], rtol=1e-4, atol=1e-6):
+        return (f"start at sigma {float(sigmas[0]):.4g} where the source's started at {float(source[0]):.4g}: use the "
+                "same denoise and start_at_step, and the same ModelSampling node (or none) on both branches")
+    if steps != src_steps:
+        return (f"({steps} steps) differ from the source's ({src_steps} steps): use the same steps and end_at_step in "
+                "both branches (a source split by SplitSigmas must be sampled whole)")
+    i = int((~torch.isclose(sigmas, source, rtol=1e-4, atol=1e-6)).nonzero()[0])
+    return (f"differ from the source's at step {i} ({float(sigmas[i]):.4g} vs {float(source[i]):.4g}) with the "
+            f"same {steps} steps: use the same scheduler in both branches")
 
 
 @dataclass
@@ -324,13 +377,14 @@ class Editor(Shared):
         self.record, self.run_id, self.cross, self.blend = record, run_id, cross, blend
         self.self_layers, self.self_steps, self.node, self.attention = self_layers, self_steps, node, attention
         self.target = target  # the target prompt (None: FPE, which has no prompt of its own)
-        self.maps: dict[str, torch.Tensor] = {}  # this run's edited token maps (local blend)
+        self.maps: dict[tuple, torch.Tensor] = {}  # (layer, sigma key) -> this run's edited token maps (local blend)
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()
 
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.check(sigmas, tuple(noise.shape))
+        self.check_settings(run_settings(executor, noise, sampler))
         if self.record.recompute and self.record.has_control:
             raise RecordError(f"{self.node}: the source branch ran with a ControlNet and the attention store "
                               "recomputes the source (AttentionStore's strategy/budget_mb), which cannot reproduce "
@@ -351,9 +405,9 @@ class Editor(Shared):
         if rec.run_id != self.run_id or not rec.complete:
             raise RecordError(f"{node}: the attention store no longer holds the source run this edit was "
                               "built for (the source branch re-ran or was interrupted); queue the prompt again")
-        if len(sigmas) != len(rec.sample_sigmas) or not torch.allclose(sigmas.float().cpu(), rec.sample_sigmas, rtol=1e-4, atol=1e-6):
-            raise RecordError(f"{node}: the target sampler's sigmas ({len(sigmas) - 1} steps) differ from the source's "
-                              f"({rec.num_steps} steps): use the same steps, scheduler and denoise in both branches")
+        cause = schedule_difference(sigmas.float().cpu(), rec.sample_sigmas)
+        if cause:
+            raise RecordError(f"{node}: the target sampler's sigmas {cause}")
         src = rec.latent_shape
         if tuple(shape[1:]) != tuple(src[1:]):
             raise RecordError(f"{node}: the target latent is {tuple(shape[1:])} but the source was {tuple(src[1:])}: "
@@ -361,6 +415,21 @@ class Editor(Shared):
         if shape[0] != src[0] and src[0] != 1:
             raise RecordError(f"{node}: the target batch size {shape[0]} differs from the source's {src[0]}: "
                               "use the same batch size (or a source batch of 1)")
+
+    def check_settings(self, settings: dict) -> None:
+        """Seed (the noise), sampler and cfg, where the source's are known: an edit compares two
+        samples of the same noise, sampler and guidance."""
+        src, node = self.record.settings, self.node
+        noise, src_noise = settings.get("noise"), src.get("noise")
+        if noise is not None and src_noise is not None:
+            n = min(noise.shape[0], src_noise.shape[0])
+            if noise.shape[1:] == src_noise.shape[1:] and not torch.allclose(noise[:n], src_noise[:n], atol=1e-6):
+                raise RecordError(f"{node}: the target sampler starts from other noise than the source (another seed, "
+                                  "or add_noise differs): use the same seed and add_noise in both branches")
+        for name, what in (("sampler", "sampler"), ("cfg", "cfg")):
+            if src.get(name) is not None and settings.get(name) is not None and src[name] != settings[name]:
+                raise RecordError(f"{node}: the target sampler's {what} is {settings[name]} but the source's was "
+                                  f"{src[name]}: use the same {what} in both branches")
 
     def _source(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         t = t.to(device=like.device, dtype=like.dtype)
@@ -371,6 +440,9 @@ class Editor(Shared):
         n = self.record.num_steps
         cross = self.cross is not None and self.cross.active(step, n)
         return cross or (bool(self.self_layers) and self.self_steps.active(step, n))
+
+    def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
+        return predict_noise(self.occurrences, executor, x, timestep, model_options, seed)
 
     def apply_model(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         """Recompute strategy: while injecting, the source's recorded inputs of the conditional half
@@ -440,7 +512,7 @@ class Editor(Shared):
             m = token_maps(qc, kc, heads, hw, self.target.length)
             if active:  # P2P's local blend reads the map after the edit
                 m = edited_maps(token_maps(q_s, k_s, heads, hw, rec.prompt.length), m, cross.mapper, ws, wt)
-            self.maps[sk] = self.maps[sk] + m if sk in self.maps else m
+            self.maps.setdefault((patch.layer.key, sk), m)  # the evaluation's first call
         return jobs
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
@@ -494,7 +566,7 @@ class Editor(Shared):
         if step < int(blend.start * rec.num_steps):
             return denoised
         src_denoised, src_maps = rec.denoised.get(sk), rec.cumulative_maps(step)
-        tgt = cumulative_maps(self.maps, rec.sample_sigmas, step)
+        tgt = cumulative_maps(by_evaluation(self.maps), rec.sample_sigmas, step)
         if src_denoised is None or src_maps is None or (tgt is None and blend.needs_target_maps):
             raise RecordError(f"{self.node}: local blend needs the source's maps and latents at sigma {sigma:.4g}, "
                               "which the attention store did not keep")

@@ -28,6 +28,7 @@ class Trajectory:
     noise_latent: torch.Tensor  # the LATENT output (before the model's latent scaling): latents[0]
     model_id: str
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt: torch.Tensor | None = None  # the positive conditioning it was inverted with (checked by AttentionStore)
 
     @property
     def num_steps(self) -> int:

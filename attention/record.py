@@ -10,6 +10,7 @@ Two strategies, chosen per run within a memory budget:
 """
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from .schedule import StepRange
 from .tokens import Prompt
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
+RUN_DATA = ("cross_q", "cross_k", "self_qk", "map_q", "map_k", "layer_hw", "_maps", "denoised", "corrections", "inputs",
+            "conds")  # what one source run leaves
 
 
 class RecordError(RuntimeError):
@@ -80,13 +83,15 @@ class SourceRecord:
     inputs: dict = field(default_factory=dict)  # recompute: (sigma key, cond_or_uncond) -> the model's input rows
     conds: dict = field(default_factory=dict)  # recompute: (sigma key, cond_or_uncond) -> {name: rows}
     has_control: bool = False  # the source ran with a ControlNet (recompute cannot reproduce it)
+    settings: dict = field(default_factory=dict)  # the source run's noise, sampler and cfg (checked by the target)
     _maps: dict = field(default_factory=dict, repr=False)  # sigma key -> token maps, computed when asked
+    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the AttentionStore this run belongs to
+    runs: list = field(default_factory=list, repr=False)  # finished runs (each a record of its own), oldest first
 
     def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
-        """A new source run: forget the last one."""
-        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self.layer_hw, self._maps,
-                  self.denoised, self.corrections, self.inputs, self.conds):
-            d.clear()
+        """A new source run: fresh containers, so that the finished runs in `runs` keep theirs."""
+        for name in RUN_DATA:
+            setattr(self, name, {})
         self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
         self.mode = "pending"  # the first step keeps everything; decide() then picks
         self.estimated_bytes, self.has_control = 0, False
@@ -102,6 +107,17 @@ class SourceRecord:
         if self.mode == "keep":  # the inputs were kept in case the run outgrew its budget
             self.inputs.clear()
             self.conds.clear()
+        self.runs.append(dataclasses.replace(self, runs=[]))
+        while len(self.runs) > 1 and sum(run.nbytes() for run in self.runs) > self.spec.budget_bytes:
+            self.runs.pop(0)  # the oldest run goes first
+
+    def run_for(self, samples: torch.Tensor) -> SourceRecord | None:
+        """The finished run whose output is `samples` (the newest, if several are)."""
+        samples = samples.float().cpu()
+        for run in reversed(self.runs):
+            if run.result.shape == samples.shape and torch.allclose(run.result, samples, atol=1e-5):
+                return run
+        return None
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -163,10 +179,7 @@ class SourceRecord:
         Computed from the kept queries and keys when first asked (local blend, previews), so a
         source run that nobody blends pays only for keeping a few low-resolution queries."""
         self.compute_maps()
-        out: dict[str, torch.Tensor] = {}
-        for (key, sk), m in self._maps.items():
-            out[sk] = out[sk] + m if sk in out else m
-        return out
+        return by_evaluation(self._maps)
 
     def map_tokens(self, key, sk: str, q: torch.Tensor, k: torch.Tensor) -> None:
         """Token maps of a map-level layer, made now (recompute keeps maps, not queries)."""
@@ -203,6 +216,14 @@ class SourceRecord:
             m = torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             total, count = (m if total is None else total + m), count + 1
         return None if total is None else total / count
+
+
+def by_evaluation(maps: dict) -> dict[str, torch.Tensor]:
+    """(layer key, sigma key) -> maps  as  sigma key -> the maps summed over the layers."""
+    out: dict[str, torch.Tensor] = {}
+    for (_, sk), m in maps.items():
+        out[sk] = out[sk] + m if sk in out else m
+    return out
 
 
 def _unique_nbytes(tensors: list[torch.Tensor]) -> int:

@@ -92,7 +92,8 @@ def install(model, controller: Recorder | Editor, patched: dict[str, list[Attent
                     per_block[layer.transformer_index] = LayerPatch(controller, kind, layer, previous)
             if per_block:
                 model.set_model_patch_replace(BlockPatch(per_block, previous), kind, *block)
-    for kind, wrapper in (("outer_sample", controller.outer_sample), ("apply_model", controller.apply_model)):
+    for kind, wrapper in (("outer_sample", controller.outer_sample), ("predict_noise", controller.predict_noise),
+                          ("apply_model", controller.apply_model)):
         model.remove_wrappers_with_key(kind, EDIT_KEY)
         model.add_wrapper_with_key(kind, EDIT_KEY, wrapper)
     post = [f for f in model.model_options.get("sampler_post_cfg_function", [])
@@ -111,17 +112,18 @@ def current_editor(model) -> Editor | None:
     return c if isinstance(c, Editor) else None
 
 
-def check_source(record: SourceRecord, source_latent: dict, node: str) -> str:
-    """The store must hold the finished run that produced `source_latent`; returns its run id."""
+def check_source(record: SourceRecord, source_latent: dict, node: str) -> SourceRecord:
+    """The store's finished run that produced `source_latent` (a store keeps its runs within
+    budget_mb, so a graph that ComfyUI's cache re-runs in part still finds its source)."""
     if not isinstance(record, SourceRecord):
         raise NodeInputError(node, "store", "expects the ATTENTION_STORE output of an AttentionStore node")
-    samples = source_latent["samples"]
-    if not record.complete or record.result is None:
+    if not record.runs:
         raise NodeInputError(node, "source_latent", "the attention store has not recorded a source run yet: "
                              "sample the source branch with AttentionStore's MODEL and connect that sampler's "
                              "LATENT here")
-    if record.result.shape != samples.shape or not torch.allclose(record.result, samples.float().cpu(), atol=1e-5):
-        raise NodeInputError(node, "source_latent", "this latent is not the output of the sampler that used "
-                             "this AttentionStore's MODEL (a store from another run or branch): connect the "
-                             "source sampler's LATENT output")
-    return record.run_id
+    run = record.run_for(source_latent["samples"])
+    if run is None:
+        raise NodeInputError(node, "source_latent", "this latent is not the output of a sampler that used this "
+                             "AttentionStore's MODEL, or the store dropped that run (it keeps runs within budget_mb): "
+                             "connect the source sampler's LATENT output, or raise AttentionStore's budget_mb")
+    return run

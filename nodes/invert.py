@@ -68,7 +68,8 @@ class DDIMInvert(io.ComfyNode):
                 model, torch.zeros_like(samples), cfg, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, positive,
                 negative, samples, callback=latent_preview.prepare_callback(model, steps),
                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
-        trajectory = Trajectory(sigmas, trail["latents"].float().cpu(), out.float().cpu(), model_id(model))
+        trajectory = Trajectory(sigmas, trail["latents"].float().cpu(), out.float().cpu(), model_id(model),
+                                prompt=positive[0][0].float().cpu())
         return io.NodeOutput({**latent, "samples": out}, trajectory)
 
 

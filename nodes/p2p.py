@@ -51,12 +51,12 @@ def schedule_inputs(cross=0.8, self_=0.4) -> list:
 
 
 def build_editor(node, model, store, source_latent, target, cross: CrossEdit | None, self_layers, self_until):
-    run_id = check_source(store, source_latent, node)
+    run = check_source(store, source_latent, node)
     if model_id(model) != store.model_id:
         raise NodeInputError(node, "model", "the store was recorded with a different model: use the same "
                              "checkpoint (before AttentionStore) for both branches")
     previous = current_editor(model)
-    if previous is not None and previous.record is not store:
+    if previous is not None and previous.record.store_id != store.store_id:
         raise NodeInputError(node, "model", "the model already carries an edit that reads another "
                              "AttentionStore: chain edits of one store only")
     try:
@@ -65,7 +65,7 @@ def build_editor(node, model, store, source_latent, target, cross: CrossEdit | N
         raise NodeInputError(node, "self_attention_until", str(e)) from None
     if target is None and previous is not None:
         target = previous.target
-    editor = Editor(store, run_id, cross, frozenset(l.key for l in self_layers), self_steps,
+    editor = Editor(run, run.run_id, cross, frozenset(l.key for l in self_layers), self_steps,
                     target=target, node=node, attention=attention_fn)
     if previous is not None:  # compose with what an earlier edit node of this pack set up
         editor.cross = editor.cross or previous.cross

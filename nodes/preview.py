@@ -5,7 +5,6 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.layers import LEVELS, PRESETS, select_layers
-from ..attention.record import SourceRecord
 from ..attention.schedule import ScheduleError, StepRange
 from ..attention.tokens import PromptError
 from .common import NodeInputError, check_source
@@ -49,8 +48,7 @@ class AttentionMapPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, source_latent, image, words, layers, start, end, threshold) -> io.NodeOutput:
-        check_source(store, source_latent, NODE)
-        assert isinstance(store, SourceRecord)
+        store = check_source(store, source_latent, NODE)
         try:
             positions = store.prompt.positions(words)
             steps = StepRange(start, end)

@@ -87,13 +87,19 @@ class AttentionStore(io.ComfyNode):
         except ScheduleError as e:
             raise NodeInputError("AttentionStore", "cross_attention_until/self_attention_until", str(e)) from None
         record = SourceRecord(spec, prompt, model_id(model), {l.key: l for l in layers})
+        positive = encode(clip, source_prompt)
         if inversion is not None:
             if not isinstance(inversion, Trajectory):
                 raise NodeInputError("AttentionStore", "inversion", "expects the inversion output of DDIMInvert")
             if inversion.model_id != record.model_id:
                 raise NodeInputError("AttentionStore", "inversion", "the image was inverted with another model: "
                                      "give DDIMInvert the same MODEL as AttentionStore")
+            inverted = inversion.prompt
+            if inverted is not None and (inverted.shape != positive[0][0].shape
+                                         or not torch.allclose(inverted, positive[0][0].float().cpu(), atol=1e-5)):
+                raise NodeInputError("AttentionStore", "source_prompt", "differs from the prompt DDIMInvert inverted "
+                                     "the image with: give both the same source prompt (one text node feeding both)")
             record.inversion, record.correct_target = inversion, bool(correct_target)
         m = model.clone()
         install(m, Recorder(record, attention_fn), {"attn1": self_layers, "attn2": layers})
-        return io.NodeOutput(m, encode(clip, source_prompt), record)
+        return io.NodeOutput(m, positive, record)

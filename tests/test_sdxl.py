@@ -84,7 +84,7 @@ def test_sdxl_recorded_maps_have_the_shapes_of_their_levels(sdxl, comfy_nodes):
                                                           "model dtype").result
     sample(m, pos, encode(clip, ""), batch=2)
     assert store.complete
-    for (key, _, _), (q, k) in store.self_qk.items():
+    for (key, _), (q, k) in store.self_qk.items():
         level = store.layers[key].level
         positions = (16 // 2**level) ** 2  # latent 16x16 at 128 px
         assert q.shape[:2] == k.shape[:2] == (2, positions), key
