@@ -294,7 +294,8 @@ def schedule_difference(sigmas: torch.Tensor, source: torch.Tensor) -> str | Non
         return None
     if not torch.allclose(sigmas[:1], source[:1], rtol=1e-4, atol=1e-6):
         return (f"start at sigma {float(sigmas[0]):.4g} where the source's started at {float(source[0]):.4g}: use the "
-                "same denoise and start_at_step, and the same ModelSampling node (or none) on both branches")
+                "same denoise and start_at_step (and sample the source in one pass, not split by SplitSigmas), and the "
+                "same ModelSampling node (or none) on both branches")
     if steps != src_steps:
         return (f"({steps} steps) differ from the source's ({src_steps} steps): use the same steps and end_at_step in "
                 "both branches (a source split by SplitSigmas must be sampled whole)")
@@ -509,9 +510,10 @@ class Editor(Shared):
                                    expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
         if self.blend is not None and patch.layer.level == rec.map_level:
             hw = spatial_hw(extra, qc.shape[1])
-            m = token_maps(qc, kc, heads, hw, self.target.length)
+            m = token_maps(qc, kc, heads, hw, self.target.length, self.target.map_tokens)
             if active:  # P2P's local blend reads the map after the edit
-                m = edited_maps(token_maps(q_s, k_s, heads, hw, rec.prompt.length), m, cross.mapper, ws, wt)
+                src = token_maps(q_s, k_s, heads, hw, rec.prompt.length, rec.prompt.map_tokens)
+                m = edited_maps(src, m, cross.mapper, ws, wt)
             self.maps.setdefault((patch.layer.key, sk), m)  # the evaluation's first call
         return jobs
 

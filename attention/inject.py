@@ -127,21 +127,26 @@ def inject_self_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_t: torch.Tenso
     return attention(q_s, k_s, v_t, heads)
 
 
-def token_maps(q: torch.Tensor, k: torch.Tensor, heads: int, hw: tuple[int, int], tokens: int) -> torch.Tensor:
-    """Head-averaged cross-attention maps of a prompt's `tokens` tokens, the copies of a repeated
-    conditioning summed (key_layout): (B, tokens, h, w)."""
+def token_maps(q: torch.Tensor, k: torch.Tensor, heads: int, hw: tuple[int, int], tokens: int,
+               keep: int | None = None) -> torch.Tensor:
+    """Head-averaged cross-attention maps of a prompt of `tokens` tokens, the copies of a repeated
+    conditioning summed (key_layout), of its first `keep` tokens (all): (B, keep, h, w)."""
     probs = attention_probs(q, k, heads).mean(1)  # B, Nq, L
     layout = key_layout(k, tokens).to(probs.device)
-    own = layout >= 0
-    out = probs.new_zeros(probs.shape[0], probs.shape[1], tokens).index_add_(-1, layout[own], probs[..., own])
-    return out.transpose(1, 2).reshape(q.shape[0], tokens, *hw)
+    keep = tokens if keep is None else keep
+    own = (layout >= 0) & (layout < keep)
+    out = probs.new_zeros(probs.shape[0], probs.shape[1], keep).index_add_(-1, layout[own], probs[..., own])
+    return out.transpose(1, 2).reshape(q.shape[0], keep, *hw)
 
 
 def edited_maps(source: torch.Tensor, target: torch.Tensor, mapper: torch.Tensor,
                 source_weight: torch.Tensor, target_weight: torch.Tensor) -> torch.Tensor:
-    """Token maps (B, T_t, h, w) after the cross-attention edit: (M_src A) diag(ws) + M_tgt diag(wt)."""
-    moved = torch.einsum("bshw,st->bthw", source.to(target), mapper.to(target))
-    return moved * source_weight.to(target)[..., :, None, None] + target * target_weight.to(target)[..., :, None, None]
+    """Token maps (B, T_t, h, w) after the cross-attention edit: (M_src A) diag(ws) + M_tgt diag(wt).
+    The maps may hold a prompt's first tokens only (Prompt.map_tokens): A and w are cut to match."""
+    ns, nt = source.shape[1], target.shape[1]
+    moved = torch.einsum("bshw,st->bthw", source.to(target), mapper[:ns, :nt].to(target))
+    ws, wt = source_weight[..., :nt].to(target), target_weight[..., :nt].to(target)
+    return moved * ws[..., :, None, None] + target * wt[..., :, None, None]
 
 
 def words_mask(source_maps: torch.Tensor | None, target_maps: torch.Tensor | None, source_positions: list[int],

@@ -185,7 +185,7 @@ class SourceRecord:
         """Token maps of a map-level layer, made now (recompute keeps maps, not queries)."""
         from .inject import token_maps
         heads, hw = self.layer_hw[key]
-        self._maps[(key, sk)] = token_maps(q, k, heads, hw, self.prompt.length)
+        self._maps[(key, sk)] = token_maps(q, k, heads, hw, self.prompt.length, self.prompt.map_tokens)
 
     def compute_maps(self) -> None:
         for (key, sk), q in self.map_q.items():
@@ -212,7 +212,7 @@ class SourceRecord:
             else:
                 heads, hw = self.layer_hw[key]
                 k = self.cross_k.get(key, self.map_k.get(key))
-                m = token_maps(kept[(key, sk)], k, heads, hw, self.prompt.length)[:, positions].sum(1, keepdim=True)
+                m = token_maps(kept[(key, sk)], k, heads, hw, self.prompt.length, self.prompt.map_tokens)[:, positions].sum(1, keepdim=True)
             m = torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             total, count = (m if total is None else total + m), count + 1
         return None if total is None else total / count

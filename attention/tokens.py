@@ -42,6 +42,12 @@ class Prompt:
         return len(self.keys)
 
     @property
+    def map_tokens(self) -> int:
+        """How many leading positions can hold a word: the token maps kept for local blend and
+        previews stop there (the padding's maps are never read)."""
+        return max(self.content, default=0) + 1
+
+    @property
     def content(self) -> tuple[int, ...]:
         """Positions of the words' tokens, in order."""
         return tuple(p for w in self.words for p in w.positions)

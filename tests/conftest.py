@@ -41,3 +41,16 @@ def server(tmp_path_factory):
         yield s
     finally:
         s.stop()
+
+
+def batch_noise_floor(tiny, sampler: str, prompt: str, rows: int = 2, batches=(4, 6)) -> float:
+    """How far float32 rounding alone moves a sample when the model's batch changes shape: the same
+    `rows` rows (same seed, same noise) sampled in a batch of `rows` and inside larger batches (a
+    recomputing target's model batch holds the source's rows too; ConditioningCombine doubles the
+    cond rows). CPUs round batch-shaped sums differently (AVX2 vs AVX-512), so a comparison of two
+    paths that differ in batch shape is bounded by a multiple of this floor, measured on the machine
+    that runs the test."""
+    pos = tiny.encode(prompt)
+    alone = tiny.sample(tiny.model, pos, seed=3, batch=rows, sampler=sampler)["samples"]
+    return max(float((tiny.sample(tiny.model, pos, seed=3, batch=b, sampler=sampler)["samples"][:rows] - alone)
+                     .abs().max()) for b in batches)

@@ -116,7 +116,7 @@ def test_recorder_token_maps_at_a_520px_latent():
     ex = dict(extra(5.0), original_shape=[1, 4, 65, 65])
     run_source(record, lambda r: LayerPatch(r, "attn2", LAYER)(q, k, v, ex), latent=(1, 4, 65, 65))
     assert record.map_level == 2
-    assert record.maps[K(5.0)].shape == (1, T, 17, 17)  # the prompt's 77 tokens
+    assert record.maps[K(5.0)].shape == (1, record.prompt.map_tokens, 17, 17)  # up to the prompt's last word
 
 
 def test_recorder_keeps_the_cond_chunk_only():
@@ -139,9 +139,10 @@ def test_recorder_keeps_the_cond_chunk_only():
     assert set(record.self_qk) == {(LAYER.key, sk)}
     assert torch.equal(record.self_qk[(LAYER.key, sk)][0], qs[1:2])
     assert torch.equal(record.self_qk[(LAYER.key, sk)][1], ks[1:2])
-    # token maps of the cond half at the map level: the prompt's 77 tokens on a 4x4 grid
-    assert record.maps[sk].shape == (1, T, 4, 4)
-    torch.testing.assert_close(record.maps[sk], token_maps(q[1:2], k[1:2], HEADS, (4, 4), T))
+    # token maps of the cond half at the map level, up to the prompt's last word, on a 4x4 grid
+    n = record.prompt.map_tokens
+    assert record.maps[sk].shape == (1, n, 4, 4)
+    torch.testing.assert_close(record.maps[sk], token_maps(q[1:2], k[1:2], HEADS, (4, 4), T)[:, :n])
     assert record.complete and record.run_id and record.latent_shape == (1, 4, H, W)
     assert torch.equal(result, torch.ones(1, 4, H, W)) and torch.equal(record.result, result)
     assert record.nbytes() > 0

@@ -126,14 +126,18 @@ def test_auto_switches_when_the_run_outgrows_the_budget():
     assert r.inputs, "a recomputing store keeps its inputs"
 
 
-def test_map_tokens_makes_maps_of_the_whole_conditioning():
-    # the token maps cover the prompt's 77 positions per chunk (the end token and padding included)
+def test_map_tokens_keeps_the_words_positions_only():
+    # the token maps stop after the prompt's last word ("a b": start, a, b): the end token and the
+    # padding are never read, and keeping them would cost 77/3 times the memory
     r = record()
     r.begin(SIGMAS, (1, 4, 8, 8))
     key = LAYERS[0].key
     r.layer_hw[key] = (2, (2, 2))
     q, k = torch.randn(1, 4, 16), torch.randn(1, 77, 16)
     r.map_tokens(key, "10#0", q, k)
-    assert r.prompt.length == 77 and r.maps["10#0"].shape == (1, 77, 2, 2)
-    # every pixel's head-averaged attention over the 77 tokens sums to one (float32 softmax)
-    torch.testing.assert_close(r.maps["10#0"].sum(1), torch.ones(1, 2, 2), atol=1e-6, rtol=0)
+    assert r.prompt.length == 77 and r.prompt.map_tokens == 3 and r.maps["10#0"].shape == (1, 3, 2, 2)
+    # they are the first three of the maps over all 77 tokens, which sum to one per pixel (float32 softmax)
+    from attention.inject import token_maps
+    full = token_maps(q, k, 2, (2, 2), 77)
+    torch.testing.assert_close(full.sum(1), torch.ones(1, 2, 2), atol=1e-6, rtol=0)
+    assert torch.equal(r.maps["10#0"], full[:, :3])

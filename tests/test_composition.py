@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, batch_noise_floor
 
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -87,3 +87,35 @@ def test_another_packs_replace_patch_is_chained(tiny, per_layer):
     assert len(calls) == 2 * n_alone > 0
     assert torch.equal(source, alone)
     assert (alone - tiny.sample(tiny.model, pos, seed=4)["samples"]).abs().max() > 1e-3
+
+
+def test_pag_on_the_target_branch_only(tiny):
+    """PAG evaluates the model a second time inside each evaluation of the target; that pass reads
+    the same source step (before, it asked the store for a source evaluation that never was)."""
+    node = tiny.node
+    m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, PROMPT, 1.0, "all", 1.0,
+                                                       "model dtype").result
+    source = tiny.sample(m, src_pos, seed=4)
+    p2p, tgt_pos = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, PROMPT, 1.0, "", 1.0, "all").result
+    without = tiny.sample(p2p, tgt_pos, seed=4)["samples"]
+    with_pag = tiny.sample(pag(p2p), tgt_pos, seed=4)["samples"]
+    torch.testing.assert_close(without, source["samples"], rtol=0, atol=1e-5)  # own maps: the source
+    assert (with_pag - without).abs().max() > 1e-4  # PAG acts on the edit
+
+
+def test_conditioning_combine_on_the_target(tiny):
+    """ConditioningCombine of the target prompt with itself averages two equal predictions: the
+    edit is the one of the prompt alone (each of the target's positives is edited)."""
+    import nodes
+
+    node = tiny.node
+    m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, "a red circle", 1.0, "all", 1.0,
+                                                       "model dtype").result
+    source = tiny.sample(m, src_pos, seed=4)
+    p2p, tgt_pos = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, "a blue circle", 0.8, "", 0.4,
+                                              "p2p_16").result
+    combined = nodes.ConditioningCombine().combine(tgt_pos, tgt_pos)[0]
+    diff = (tiny.sample(p2p, combined, seed=4)["samples"] - tiny.sample(p2p, tgt_pos, seed=4)["samples"]).abs().max()
+    # the two positives run in one batch of 3 rows instead of 2: they may differ by the float
+    # rounding of that batch shape (10x the floor measured here, at least 1e-5; see conftest)
+    assert float(diff) <= max(10 * batch_noise_floor(tiny, "euler", "a blue circle", rows=1, batches=(2, 3)), 1e-5)

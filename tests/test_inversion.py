@@ -110,3 +110,13 @@ def test_invert_refuses_a_patched_model(tiny, image):
                                                     "model dtype").result
     with pytest.raises(Exception, match="DDIMInvert: input 'model'"):
         tiny.node("DDIMInvert").execute(m, pos, tiny.encode(""), latent, STEPS, "normal", 1.0)
+
+
+def test_store_and_inversion_of_different_prompts_are_refused(tiny, image):
+    """The store's source prompt must be the one the image was inverted with (before, the mismatch
+    surfaced later as a word error of P2PLocalBlend)."""
+    _, prompt, _, inv = image
+    store = tiny.node("AttentionStore")
+    store.execute(tiny.model, tiny.clip, prompt, 1.0, "none", 1.0, "model dtype", True, inv)  # the same prompt: fine
+    with pytest.raises(Exception, match=r"AttentionStore: input 'source_prompt': differs from the prompt DDIMInvert"):
+        store.execute(tiny.model, tiny.clip, "a purple hexagon", 1.0, "none", 1.0, "model dtype", True, inv)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, batch_noise_floor
 
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -26,25 +26,13 @@ def store(tiny, strategy, budget_mb=2048, prompt=SOURCE, layers="all"):
                                                None, strategy, budget_mb).result
 
 
-def batch_noise_floor(tiny, sampler: str, prompt: str = TARGET) -> float:
-    """How far float32 rounding alone moves a sample when the model's batch changes shape: the same
-    two rows (same seed, same noise) sampled in a batch of 2 and inside batches of 4 and 6 (a
-    recomputing target's model batch holds the source's rows too). CPUs round batch-shaped sums
-    differently (AVX2 vs AVX-512), so comparisons of keep and recompute are bounded by a multiple
-    of this floor, measured on the machine that runs the test."""
-    pos = tiny.encode(prompt)
-    two = tiny.sample(tiny.model, pos, seed=3, batch=2, sampler=sampler)["samples"]
-    return max(float((tiny.sample(tiny.model, pos, seed=3, batch=b, sampler=sampler)["samples"][:2] - two).abs().max())
-               for b in (4, 6))
-
-
 def assert_same_up_to_batch_rounding(tiny, sampler: str, got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Recompute runs the source's rows in the target's batch, keep does not: the paths are the
     same mathematics, so they may differ by batch-shape rounding only. Bound: 10x the measured
     floor (the edit composes several batched attention calls per layer where a plain sample has
     one), and at least 1e-5 (the sum of a few float32 roundings of latents of magnitude ~3 over
     10-20 steps, where a machine's floor happens to be 0)."""
-    bound = max(10 * batch_noise_floor(tiny, sampler), 1e-5)
+    bound = max(10 * batch_noise_floor(tiny, sampler, TARGET), 1e-5)
     diff = float((got - expected).abs().max())
     assert diff <= bound, f"{what}: {diff:.3g} > {bound:.3g}"
 
