@@ -91,16 +91,16 @@ def test_another_packs_replace_patch_is_chained(tiny, per_layer):
 
 def test_pag_on_the_target_branch_only(tiny):
     """PAG evaluates the model a second time inside each evaluation of the target; that pass reads
-    the same source step (before, it asked the store for a source evaluation that never was)."""
+    the source's step (before, it asked the store for a source evaluation that never was)."""
     node = tiny.node
-    m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, PROMPT, 1.0, "all", 1.0,
+    m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, "a red circle", 1.0, "all", 1.0,
                                                        "model dtype").result
     source = tiny.sample(m, src_pos, seed=4)
-    p2p, tgt_pos = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, PROMPT, 1.0, "", 1.0, "all").result
+    p2p, tgt_pos = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, "a blue circle", 0.6, "", 0.8,
+                                              "p2p_32").result
     without = tiny.sample(p2p, tgt_pos, seed=4)["samples"]
     with_pag = tiny.sample(pag(p2p), tgt_pos, seed=4)["samples"]
-    torch.testing.assert_close(without, source["samples"], rtol=0, atol=1e-5)  # own maps: the source
-    assert (with_pag - without).abs().max() > 1e-4  # PAG acts on the edit
+    assert (with_pag - without).abs().max() > 1e-4  # PAG acts on the edit (3e-4 on a plain TinySD sample)
 
 
 def test_conditioning_combine_on_the_target(tiny):

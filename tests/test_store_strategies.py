@@ -37,14 +37,14 @@ def assert_same_up_to_batch_rounding(tiny, sampler: str, got: torch.Tensor, expe
     assert diff <= bound, f"{what}: {diff:.3g} > {bound:.3g}"
 
 
-def edits(tiny, st, src, sampler, only=None):
+def edits(tiny, st, src, sampler, only=None, seed=3):
     """P2P replace (+ self-attention), + local blend, + re-weight, and FPE: the target latents."""
     node = tiny.node
     p2p, pos = node("P2PReplace").execute(tiny.model, tiny.clip, st, src, TARGET, 0.8, "", 0.4, "p2p_16").result
     blend = node("P2PLocalBlend").execute(p2p, "circle", "circle", 0.3, 0.2, "").result[0]
     reweight = node("P2PReweight").execute(p2p, tiny.clip, st, src, TARGET, "blue=1.5", 0.8).result[0]
     fpe = node("FPESelfAttnInject").execute(tiny.model, st, src, "fpe", 1.0).result[0]
-    return {name: tiny.sample(m, pos, seed=3, batch=2, sampler=sampler)["samples"]
+    return {name: tiny.sample(m, pos, seed=seed, batch=2, sampler=sampler)["samples"]
             for name, m in (("replace", p2p), ("blend", blend), ("reweight", reweight), ("fpe", fpe))
             if only is None or name == only}
 
@@ -96,7 +96,7 @@ def test_auto_keeps_within_the_budget_and_recomputes_above_it(tiny):
     m, pos, st = store(tiny, "auto", budget_mb=1 << 16)
     src = tiny.sample(m, pos, seed=2, batch=2, sampler="heun")
     assert st.mode == "keep" and st.estimated_bytes > 0 and not st.inputs
-    keep_out = edits(tiny, st, src, "heun", only="replace")["replace"]
+    keep_out = edits(tiny, st, src, "heun", only="replace", seed=2)["replace"]
     kept = st.attention_nbytes()
     # heun evaluates twice per step: the first step's estimate is about half of what it keeps
     assert 0.4 * kept < st.estimated_bytes < 0.7 * kept, (st.estimated_bytes, kept)
@@ -109,7 +109,7 @@ def test_auto_keeps_within_the_budget_and_recomputes_above_it(tiny):
     m, pos, st = store(tiny, "auto", budget_mb=int(budget_mb))
     src = tiny.sample(m, pos, seed=2, batch=2, sampler="heun")
     assert st.mode == "recompute" and st.attention_nbytes() == 0, "outgrowing the budget half-way switches"
-    assert_same_up_to_batch_rounding(tiny, "heun", edits(tiny, st, src, "heun", only="replace")["replace"], keep_out,
+    assert_same_up_to_batch_rounding(tiny, "heun", edits(tiny, st, src, "heun", only="replace", seed=2)["replace"], keep_out,
                                      "replace")
 
 
@@ -126,7 +126,16 @@ def test_recompute_with_a_long_target_prompt_equals_keep(tiny):
                                                   "p2p_16").result
         assert tpos[0][0].shape[1] == 154
         out[strategy] = tiny.sample(em, tpos, seed=2)["samples"]
-    assert_same_up_to_batch_rounding(tiny, "euler", out["recompute"], out["keep"], "long target")
+    # Besides the batch shape, the paths differ in key count: keep attends the source's 77 keys
+    # repeated to 154 beside the target, recompute runs the source on its prompt repeated to 154
+    # tokens. The float noise of that alone: a plain sample on a prompt and on the prompt repeated.
+    import nodes
+    pos = tiny.encode(SOURCE)
+    repeated = nodes.ConditioningConcat().concat(pos, pos)[0]
+    floor = float((tiny.sample(tiny.model, repeated, seed=2)["samples"] - tiny.sample(tiny.model, pos, seed=2)["samples"])
+                  .abs().max())
+    diff = float((out["recompute"] - out["keep"]).abs().max())
+    assert diff <= max(10 * max(floor, batch_noise_floor(tiny, "euler", TARGET)), 1e-5), (diff, floor)
 
 
 def test_preview_of_a_recomputing_store_reads_its_token_maps(tiny):

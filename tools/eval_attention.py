@@ -84,7 +84,7 @@ def main() -> None:
         maps = st.cumulative_maps(st.num_steps)
         for word in ("red", "circle"):
             for threshold, dilate in ((0.3, 1), (0.5, 0)):
-                mask = inject.blend_mask(maps, st.prompt.positions(word), (128, 128), threshold, dilate=dilate)
+                mask = inject.blend_mask(maps, None, st.prompt.positions(word), [], (128, 128), threshold, dilate=dilate)
                 ious = [shapes.iou(mk[0].bool().numpy(), sm.numpy()) for mk, sm in zip(mask, shape_masks)]
                 print(f"4. local-blend mask of '{word}', maps of level {st.map_level}, threshold {threshold}, "
                       f"dilate {dilate}: IoU with the shape {np.mean(ious):.2f}, area {mask.mean().item():.2f}")
