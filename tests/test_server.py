@@ -51,7 +51,17 @@ def test_object_info_lists_pack_nodes(server):
         assert list(info[name]["output"]) == PACK_OUTPUTS[name], name
     for name in PACK_INPUTS:
         if name != "TinySDCheckpointLoader":
-            assert info[name]["category"] == "attention_edit", name
+            assert info[name]["category"].split("/")[0] == "attention_edit", name
+            assert info[name]["search_aliases"], name  # served even where io.Schema lacks the field
+    # what users type finds the nodes: the frontend searches name, display name and search_aliases
+    for term, expected in (("prompt to prompt", {"P2PReplace", "P2PRefine", "P2PReweight", "P2PLocalBlend"}),
+                           ("free prompt editing", {"FPESelfAttnInject"}),
+                           ("inversion", {"DDIMInvert", "NullTextInversion"}),
+                           ("attention map", {"AttentionMapPreview"})):
+        found = {n for n, node in info.items() if term in node.get("search_aliases", [])}
+        assert found >= expected, (term, found)
+    assert info["P2PReplace"]["category"] == "attention_edit/prompt_to_prompt"
+    assert info["DDIMInvert"]["category"] == "attention_edit/inversion"
 
 
 def test_p2p_replace_end_to_end(server):
