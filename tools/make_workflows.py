@@ -17,8 +17,8 @@ back the way the frontend's graphToPrompt does. Both follow frontend 1.32.9:
     (or, when that option is absent, an INT named "seed"/"noise_seed") is followed by its
     "control after generate" value, a COMBO with control_after_generate by that value and a
     filter-list string;
-  * inputs[] holds the sockets (and widget inputs only when linked), like the frontend's Export;
-    a link's target slot indexes that list.
+  * inputs[] holds the sockets, and where a widget is linked (a widget converted to an input), then
+    every widget's input in order, as the frontend creates them; a link's target slot indexes that list.
 """
 from __future__ import annotations
 
@@ -269,12 +269,15 @@ def api_to_ui(api_graph: dict, object_info: dict) -> dict:
             if not is_widget(spec):
                 continue
             value = node["inputs"].get(name, default_value(spec))
+            slot = {"name": name, "type": input_type(spec), "widget": {"name": name}, "link": None}
+            widget_inputs.append((slot, value if is_link(value) else None))
             if is_link(value):  # a widget driven by a link: the widget keeps its default value
-                slot = {"name": name, "type": input_type(spec), "widget": {"name": name}, "link": None}
-                widget_inputs.append((slot, value))
                 value = default_value(spec)
             widgets_values.append(value)
             widgets_values += extra_widget_values(name, spec)
+        if all(value is None for _, value in widget_inputs):
+            widget_inputs = []  # no widget linked: only the sockets, as the frontend exports them
+        # else every widget's input, as the frontend (1.3x) holds them: a link's slot indexes that list
         inputs = []
         for slot_index, (slot, value) in enumerate(sockets + widget_inputs):
             if value is not None:
@@ -456,9 +459,9 @@ def _settings(g: _Graph, model: dict, seed: bool = True) -> dict:
     """One seed, steps and cfg for both samplers (PrimitiveInt/PrimitiveFloat linked to their inputs)."""
     out = {}
     if seed:
-        out["seed"] = [g.add("PrimitiveInt", "seed (both branches)", at=("shared", 3), value=model["seed"]), 0]
-    out["steps"] = [g.add("PrimitiveInt", "steps (both branches)", at=("shared", 3), value=model["steps"]), 0]
-    out["cfg"] = [g.add("PrimitiveFloat", "cfg (both branches)", at=("shared", 3), value=model["cfg"]), 0]
+        out["seed"] = [g.add("PrimitiveInt", "seed (both branches)", at=("shared", 2), value=model["seed"]), 0]
+    out["steps"] = [g.add("PrimitiveInt", "steps (both branches)", at=("shared", 2), value=model["steps"]), 0]
+    out["cfg"] = [g.add("PrimitiveFloat", "cfg (both branches)", at=("shared", 2), value=model["cfg"]), 0]
     return out
 
 
@@ -497,10 +500,10 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> _Graph:
     defaults."""
     g = _Graph([("shared", "Model, negative prompt, size and the settings both branches share", 0),
                 ("source", "Source branch: the original image (records its attention)", 1),
-                ("target", "Target branch: the edited image", 2)])
+                ("target", "Target branch: the edited image", 1)])
     loader = _loader(g, model)
     latent = g.add("EmptyLatentImage", at=("shared", 1), width=model["size"], height=model["size"], batch_size=1)
-    negative = g.add("CLIPTextEncode", "Negative prompt (both branches)", at=("shared", 2), text="", clip=[loader, 1])
+    negative = g.add("CLIPTextEncode", "Negative prompt (both branches)", at=("shared", 1), text="", clip=[loader, 1])
     shared = _settings(g, model)
     g.note(("shared", 0), _edit_note(edit, model))
     store = g.add("AttentionStore", at=("source", 0), model=[loader, 0], clip=[loader, 1],
@@ -509,12 +512,12 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> _Graph:
                     scheduler="normal", denoise=1.0)
     source = g.add("KSampler", "KSampler (source)", at=("source", 1), model=[store, 0], positive=[store, 1],
                    negative=[negative, 0], latent_image=[latent, 0], **sampling)
-    decoded = g.add("VAEDecode", "VAE Decode (source)", at=("source", 2), samples=[source, 0], vae=[loader, 2])
-    g.add("SaveImage", "Save Image (source)", at=("source", 3), images=[decoded, 0], filename_prefix="p2p/source")
+    decoded = g.add("VAEDecode", "VAE Decode (source)", at=("source", 1), samples=[source, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (source)", at=("source", 2), images=[decoded, 0], filename_prefix="p2p/source")
     if "map_words" in prompts:  # where a word of the source prompt sits (what local blend's mask is made of)
-        preview = g.add("AttentionMapPreview", at=("source", 2), store=[store, 2], source_latent=[source, 0],
+        preview = g.add("AttentionMapPreview", at=("source", 0), store=[store, 2], source_latent=[source, 0],
                         image=[decoded, 0], words=prompts["map_words"], layers=model.get("map_layers", "level 2"))
-        g.add("PreviewImage", "Preview (attention map)", at=("source", 4), images=[preview, 0])
+        g.add("PreviewImage", "Preview (attention map)", at=("source", 2), images=[preview, 0])
 
     link = dict(model=[loader, 0], store=[store, 2], source_latent=[source, 0])
     if edit == "fpe":
@@ -529,13 +532,13 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> _Graph:
         edit_id = g.add(node, at=("target", 0), **link, clip=[loader, 1], target_prompt=prompts["target"], **extra)
         positive, edited_model = [edit_id, 1], [edit_id, 0]
         if edit == "local_blend":
-            edited_model = [g.add("P2PLocalBlend", at=("target", 1), model=edited_model,
+            edited_model = [g.add("P2PLocalBlend", at=("target", 0), model=edited_model,
                                   source_words=prompts["source_words"], target_words=prompts["target_words"],
                                   **model.get("blend", {})), 0]
-    target = g.add("KSampler", "KSampler (edited)", at=("target", 2), model=edited_model, positive=positive,
+    target = g.add("KSampler", "KSampler (edited)", at=("target", 1), model=edited_model, positive=positive,
                    negative=[negative, 0], latent_image=[latent, 0], **sampling)
-    decoded = g.add("VAEDecode", "VAE Decode (edited)", at=("target", 3), samples=[target, 0], vae=[loader, 2])
-    g.add("SaveImage", "Save Image (edited)", at=("target", 4), images=[decoded, 0], filename_prefix="p2p/edited")
+    decoded = g.add("VAEDecode", "VAE Decode (edited)", at=("target", 1), samples=[target, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (edited)", at=("target", 2), images=[decoded, 0], filename_prefix="p2p/edited")
     return g
 
 
@@ -582,9 +585,9 @@ def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
     g = _Graph([("shared", "Model, negative prompt and the settings every sampler shares", 0),
                 ("inversion", "Image to noise: DDIM inversion", 0),
                 ("source", "Source branch: the image again (records its attention)", 1),
-                ("target", "Target branch: the edited image", 2)])
+                ("target", "Target branch: the edited image", 1)])
     loader = _loader(g, model)
-    negative = g.add("CLIPTextEncode", "Negative prompt", at=("shared", 2), text="", clip=[loader, 1])
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=("shared", 1), text="", clip=[loader, 1])
     shared = _settings(g, model, seed=False)
     g.note(("shared", 0), _real_note(edit, model))
     image = g.add("LoadImage", at=("inversion", 0), image=prompts["image"])
@@ -608,8 +611,8 @@ def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
                     scheduler="normal", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
     source = g.add("KSamplerAdvanced", "KSampler (source: reconstruction)", at=("source", 1), model=[store, 0],
                    positive=[store, 1], negative=branch_negative, latent_image=[invert, 0], **sampling)
-    decoded = g.add("VAEDecode", "VAE Decode (source)", at=("source", 2), samples=[source, 0], vae=[loader, 2])
-    g.add("SaveImage", "Save Image (source)", at=("source", 3), images=[decoded, 0], filename_prefix="p2p/source")
+    decoded = g.add("VAEDecode", "VAE Decode (source)", at=("source", 1), samples=[source, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (source)", at=("source", 2), images=[decoded, 0], filename_prefix="p2p/source")
     link = dict(model=[loader, 0], store=[store, 2], source_latent=[source, 0])
     if edit == "fpe":
         edited_model = [g.add("FPESelfAttnInject", at=("target", 0), **link), 0]
@@ -619,13 +622,13 @@ def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
         edit_id = g.add("P2PReplace", at=("target", 0), **link, clip=[loader, 1], target_prompt=prompts["target"],
                         **model.get("p2p", {}))
         positive = [edit_id, 1]
-        edited_model = [g.add("P2PLocalBlend", at=("target", 1), model=[edit_id, 0],
+        edited_model = [g.add("P2PLocalBlend", at=("target", 0), model=[edit_id, 0],
                               source_words=prompts["source_words"], target_words=prompts["target_words"],
                               **model.get("blend", {})), 0]
-    target = g.add("KSamplerAdvanced", "KSampler (edited)", at=("target", 2), model=edited_model, positive=positive,
+    target = g.add("KSamplerAdvanced", "KSampler (edited)", at=("target", 1), model=edited_model, positive=positive,
                    negative=branch_negative, latent_image=[invert, 0], **sampling)
-    decoded = g.add("VAEDecode", "VAE Decode (edited)", at=("target", 3), samples=[target, 0], vae=[loader, 2])
-    g.add("SaveImage", "Save Image (edited)", at=("target", 4), images=[decoded, 0], filename_prefix="p2p/edited")
+    decoded = g.add("VAEDecode", "VAE Decode (edited)", at=("target", 1), samples=[target, 0], vae=[loader, 2])
+    g.add("SaveImage", "Save Image (edited)", at=("target", 2), images=[decoded, 0], filename_prefix="p2p/edited")
     return g
 
 
@@ -670,8 +673,8 @@ def api_path(ui_rel: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # the UI's additions: layout, groups, notes, model metadata
 
-GROUP_PAD, GROUP_TITLE, GROUP_GAP, NODE_GAP, NOTE_WIDTH = 20, 50, 40, 30, 420
-SIZES = {"SaveImage": [300, 330], "PreviewImage": [300, 330], "LoadImage": [320, 420]}
+GROUP_PAD, GROUP_TITLE, GROUP_GAP, NODE_GAP, NOTE_WIDTH = 20, 100, 40, 30, 420
+SIZES = {"SaveImage": [280, 300], "PreviewImage": [280, 300], "LoadImage": [320, 420]}
 
 
 def _note_height(text: str) -> int:
