@@ -352,3 +352,22 @@ def test_the_node_reference_is_up_to_date(object_info):
     import node_reference
     assert node_reference.OUT.read_text() == node_reference.render(object_info), \
         "docs/nodes.md is stale: run tools/node_reference.py"
+
+
+def test_readme_and_docs_show_every_example_and_their_links_resolve():
+    import re
+    import urllib.parse
+
+    top = [p for p in UI_FILES if p.parent == WORKFLOWS]
+    for path in top:  # the picture of each top-level workflow in the newest frontend (tests/test_frontend.py)
+        assert (REPO / "docs" / "screenshots" / f"{path.stem}.png").exists(), f"no docs/screenshots/{path.stem}.png"
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(((?:[^()\s]|\([^()\s]*\))+)\)", text):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            local = (doc.parent / urllib.parse.unquote(target.split("#")[0])).resolve()
+            assert local.exists(), f"{doc.relative_to(REPO)} links to {target}, which does not exist"
+    readme = (REPO / "README.md").read_text()
+    for path in top:
+        assert path.stem in readme, f"the README's example table misses {path.stem}"
