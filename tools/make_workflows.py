@@ -780,14 +780,28 @@ def write_thumbnails(demo: pathlib.Path, out: pathlib.Path = WORKFLOWS) -> list[
     return written
 
 
+def write_icon(demo: pathlib.Path, path: pathlib.Path = REPO / "docs" / "icon.png") -> pathlib.Path:
+    """The pack's registry icon (pyproject's Icon), 400x400: the demo's local-blend colour swap, source above
+    left, edited below right."""
+    from PIL import Image
+
+    source, edited = (Image.open(demo / f"local_blend_{role}.png").convert("RGB").resize((240, 240), Image.NEAREST)
+                      for role in ("source", "edited"))
+    icon = Image.new("RGB", (400, 400), "white")
+    icon.paste(source, (20, 20))
+    icon.paste(edited, (140, 140))
+    icon.save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=WORKFLOWS, help="output folder (default: workflows/)")
     parser.add_argument("--thumbnails", type=pathlib.Path, metavar="DEMO_DIR",
-                        help="also write the top-level workflows' thumbnails from tools/demo.py's output (out/demo)")
+                        help="also write the top-level workflows' thumbnails and docs/icon.png from tools/demo.py's output (out/demo)")
     args = parser.parse_args(argv)
     if args.thumbnails:
-        for path in write_thumbnails(args.thumbnails, args.out):
+        for path in write_thumbnails(args.thumbnails, args.out) + [write_icon(args.thumbnails)]:
             print(path)
     for path in write_all(args.out):
         print(path)
