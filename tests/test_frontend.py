@@ -256,3 +256,42 @@ def test_workflow_loads_in_frontend(page, path):
     if page.frontend_version == NEWEST_FRONTEND and path.parent == REPO / "workflows":
         # what a user sees on opening it: out/screenshots/<workflow>.png (docs/screenshots/ holds copies)
         fit_and_screenshot(page, SCREENSHOTS / f"{path.stem}.png")
+
+
+# What a user types in the node search (double-click on the canvas) -> nodes of the pack it must offer.
+# The newest frontend searches search_aliases too; the bundled one (1.32.9) only names and display names.
+SEARCHES = {
+    NEWEST_FRONTEND: {"prompt to prompt": {"P2P Replace (word swap)", "P2P Refine (add words)", "P2P Re-weight",
+                                           "P2P Local Blend"},
+                      "free prompt editing": {"FPE Self-Attention Inject"},
+                      "inversion": {"DDIM Invert", "Null-Text Inversion"},
+                      "attention map": {"Attention Map Preview"}},
+    "bundled": {"P2P": {"P2P Replace (word swap)", "P2P Refine (add words)", "P2P Re-weight", "P2P Local Blend"},
+                "FPE": {"FPE Self-Attention Inject"}, "Invert": {"DDIM Invert"},
+                "Attention": {"Attention Store (source branch)", "Attention Map Preview"}},
+}
+
+
+def search(page: Browser, term: str) -> list[str]:
+    """The node search box's results for `term`, typed as a user does (the option texts)."""
+    import time
+
+    page.evaluate("(async () => { await app.extensionManager.command.execute('Workspace.SearchBox.Toggle');"
+                  " await new Promise(r => setTimeout(r, 800)); })()")
+    try:
+        page.send("Input.insertText", {"text": term})
+        time.sleep(1.5)  # the search is debounced
+        return page.evaluate("[...document.querySelectorAll('[role=option]')].map(e => e.innerText.replace(/\\s+/g, ' '))")
+    finally:
+        for kind in ("keyDown", "keyUp"):
+            page.send("Input.dispatchKeyEvent", {"type": kind, "key": "Escape", "code": "Escape",
+                                                 "windowsVirtualKeyCode": 27})
+        time.sleep(0.3)
+
+
+def test_node_search_finds_the_pack(page):
+    key = NEWEST_FRONTEND if page.frontend_version == NEWEST_FRONTEND else "bundled"
+    for term, expected in SEARCHES[key].items():
+        results = search(page, term)
+        found = {name for name in expected if any(r.startswith(name) for r in results)}
+        assert found == expected, f"searching {term!r} in frontend {page.frontend_version}: {results[:12]}"
