@@ -15,7 +15,8 @@ class FPESelfAttnInject(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return Schema(
-            node_id="FPESelfAttnInject", display_name="FPE Self-Attention Inject", category=CATEGORY + "/free_prompt_editing",
+            node_id="FPESelfAttnInject", display_name="FPE Self-Attention Inject",
+            category=CATEGORY + "/free_prompt_editing",
             search_aliases=["free prompt editing", "fpe", "self-attention injection", "image editing"],
             description="Free-Prompt-Editing: the target keeps the source's layout by reading its values through the "
                         "source's self-attention maps (layers 4-14, all steps). Cross-attention stays the target's "

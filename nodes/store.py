@@ -23,7 +23,8 @@ class AttentionStore(io.ComfyNode):
             node_id="AttentionStore",
             display_name="Attention Store (source branch)",
             category=CATEGORY,
-            search_aliases=["prompt to prompt", "p2p", "free prompt editing", "fpe", "attention store", "source branch", "image editing"],
+            search_aliases=["prompt to prompt", "p2p", "free prompt editing", "fpe", "attention store", "source branch",
+                            "image editing"],
             description="Records the source branch's attention while an ordinary sampler samples it. "
                         "Sample the source with this MODEL and CONDITIONING; the edit nodes read the store.",
             inputs=[

@@ -489,7 +489,8 @@ def _edit_note(edit: str, model: dict) -> str:
         f"## Edit an image by editing its prompt ({model['name']})",
         "The **source branch** (blue) generates the original image and records its attention; the "
         "**target branch** (green) generates the edit with the same noise, reusing that attention.",
-        f"**What to change:** the source prompt (Attention Store) and the target prompt ({ 'Target prompt node' if edit == 'fpe' else 'edit node'}): {what}.",
+        f"**What to change:** the source prompt (Attention Store) and the target prompt "
+        f"({'Target prompt node' if edit == 'fpe' else 'edit node'}): {what}.",
         _model_hint(model), SAME_SETTINGS,
         "Changing only the target prompt re-runs only the target branch."])
 
