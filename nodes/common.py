@@ -127,3 +127,36 @@ def check_source(record: SourceRecord, source_latent: dict, node: str) -> Source
                              "AttentionStore's MODEL, or the store dropped that run (it keeps runs within budget_mb): "
                              "connect the source sampler's LATENT output, or raise AttentionStore's budget_mb")
     return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Node search terms. ComfyUI's frontend (1.3x and newer) searches a node's name, display name and
+# `search_aliases`. Newer ComfyUI's io.Schema has that field; on one without it (0.3.75), `Schema`
+# adds it and serves it in /object_info the same way, so the nodes declare it once either way.
+def _schema_with_search_aliases():
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    if "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
+        return io.Schema
+
+    @dataclasses.dataclass
+    class NodeInfoV1(io.NodeInfoV1):
+        search_aliases: list = None
+
+    @dataclasses.dataclass
+    class Schema(io.Schema):
+        search_aliases: list = None
+        """Extra words the node search matches (what users type: "prompt to prompt", "inversion")."""
+
+        def get_v1_info(self, cls):
+            info = super().get_v1_info(cls)
+            fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+            return NodeInfoV1(**fields, search_aliases=list(self.search_aliases or []))
+
+    return Schema
+
+
+Schema = _schema_with_search_aliases()
+CATEGORY = "attention_edit"  # the pack's top category in the node library; subcategories below it

@@ -8,13 +8,16 @@ from ..attention.record import SourceRecord
 from .common import NodeInputError, model_layers
 from .p2p import build_editor, install_editor
 from .store import AttentionStoreType
+from .common import CATEGORY, Schema
 
 
 class FPESelfAttnInject(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="FPESelfAttnInject", display_name="FPE Self-Attention Inject", category="attention_edit",
+        return Schema(
+            node_id="FPESelfAttnInject", display_name="FPE Self-Attention Inject",
+            category=CATEGORY + "/free_prompt_editing",
+            search_aliases=["free prompt editing", "fpe", "self-attention injection", "image editing"],
             description="Free-Prompt-Editing: the target keeps the source's layout by reading its values through the "
                         "source's self-attention maps (FPE's code: layers of <= 32² positions at 512 px, the first "
                         "80% of the steps). Cross-attention stays the target's "

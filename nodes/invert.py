@@ -12,6 +12,7 @@ import latent_preview
 
 from ..attention.inversion import Trajectory, cfg_step, invert, optimize_null_embedding
 from .common import NodeInputError, current_controller, model_id
+from .common import CATEGORY, Schema
 
 InversionType = io.Custom("INVERSION")
 
@@ -23,8 +24,9 @@ def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
 class DDIMInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DDIMInvert", display_name="DDIM Invert", category="attention_edit",
+        return Schema(
+            node_id="DDIMInvert", display_name="DDIM Invert", category=CATEGORY + "/inversion",
+            search_aliases=["inversion", "ddim inversion", "invert image", "real image editing", "image to noise"],
             description="Deterministic DDIM inversion of an image's latent to the noise it would be sampled from. "
                         "Sample the source and target branches from the LATENT with KSamplerAdvanced (add_noise "
                         "disable, sampler euler or ddim, the same steps and scheduler); connect the inversion to "
@@ -93,8 +95,9 @@ def per_step_conditioning(model_sampling, sigmas: torch.Tensor, embeddings: list
 class NullTextInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="NullTextInversion", display_name="Null-Text Inversion", category="attention_edit",
+        return Schema(
+            node_id="NullTextInversion", display_name="Null-Text Inversion", category=CATEGORY + "/inversion",
+            search_aliases=["inversion", "null-text inversion", "null text", "real image editing"],
             description="Optimises the unconditional (negative) embedding at every step so that guided sampling "
                         "from the inverted noise retraces the inversion (Mokady et al.). Use the output as the "
                         "negative of both branches, with the same cfg, steps and scheduler, sampler euler/ddim.",

@@ -14,6 +14,7 @@ from ..attention.tokens import PromptError, split_words
 from .common import (NodeInputError, attention_fn, check_source, current_editor, encode, install, model_id,
                      model_layers, prompt_from_clip)
 from .store import AttentionStoreType
+from .common import CATEGORY, Schema
 
 
 def target_inputs(default_prompt: str) -> list:
@@ -122,8 +123,9 @@ class P2PReplace(_P2PEdit):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="P2PReplace", display_name="P2P Replace (word swap)", category="attention_edit",
+        return Schema(
+            node_id="P2PReplace", display_name="P2P Replace (word swap)", category=CATEGORY + "/prompt_to_prompt",
+            search_aliases=["prompt to prompt", "p2p", "word swap", "replace word", "image editing"],
             description="Prompt-to-Prompt word swap: the target takes the source's cross-attention maps for the "
                         "first τ of the steps. Source and target prompts need the same number of words.",
             inputs=target_inputs("a blue circle") + schedule_inputs(),
@@ -137,8 +139,9 @@ class P2PRefine(_P2PEdit):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="P2PRefine", display_name="P2P Refine (add words)", category="attention_edit",
+        return Schema(
+            node_id="P2PRefine", display_name="P2P Refine (add words)", category=CATEGORY + "/prompt_to_prompt",
+            search_aliases=["prompt to prompt", "p2p", "refine prompt", "add words", "image editing"],
             description="Prompt-to-Prompt refinement: tokens shared with the source (global alignment) take the "
                         "source's maps; added words keep their own.",
             inputs=target_inputs("a red circle on a black background") + schedule_inputs(),
@@ -162,8 +165,9 @@ def parse_weights(node: str, text: str, target) -> torch.Tensor:
 class P2PReweight(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="P2PReweight", display_name="P2P Re-weight", category="attention_edit",
+        return Schema(
+            node_id="P2PReweight", display_name="P2P Re-weight", category=CATEGORY + "/prompt_to_prompt",
+            search_aliases=["prompt to prompt", "p2p", "reweight", "word weight", "attention re-weighting"],
             description="Scales the attention of chosen words by c in [-2, 2] while the source's maps are injected. "
                         "Use after P2PReplace/P2PRefine, or alone with the source prompt as target.",
             inputs=target_inputs("a red circle") + [
@@ -198,8 +202,9 @@ class P2PReweight(io.ComfyNode):
 class P2PLocalBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="P2PLocalBlend", display_name="P2P Local Blend", category="attention_edit",
+        return Schema(
+            node_id="P2PLocalBlend", display_name="P2P Local Blend", category=CATEGORY + "/prompt_to_prompt",
+            search_aliases=["prompt to prompt", "p2p", "local blend", "mask", "keep background"],
             description="Keeps everything outside the edited words' attention mask exactly the source. "
                         "Put after P2PReplace/P2PRefine/P2PReweight.",
             inputs=[

@@ -9,6 +9,7 @@ from ..attention.schedule import ScheduleError, StepRange
 from ..attention.tokens import PromptError
 from .common import NodeInputError, check_source
 from .store import AttentionStoreType
+from .common import CATEGORY, Schema
 
 NODE = "AttentionMapPreview"
 
@@ -21,8 +22,9 @@ def heat_colours(heat: torch.Tensor) -> torch.Tensor:
 class AttentionMapPreview(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id=NODE, display_name="Attention Map Preview", category="attention_edit",
+        return Schema(
+            node_id=NODE, display_name="Attention Map Preview", category=CATEGORY + "/attention_maps",
+            search_aliases=["attention map", "cross-attention map", "heatmap", "word mask"],
             description="Where the source branch's pixels looked at the given words: their cross-attention, averaged "
                         "over the chosen layers and steps, as an overlay on the image and as a MASK (the words' "
                         "region, e.g. for inpainting or to check a local blend).",

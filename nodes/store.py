@@ -11,6 +11,7 @@ from ..attention.record import RecordSpec, SourceRecord
 from ..attention.schedule import ScheduleError, StepRange
 from .invert import InversionType
 from .common import NodeInputError, attention_fn, encode, install, model_id, model_layers, prompt_from_clip
+from .common import CATEGORY, Schema
 
 AttentionStoreType = io.Custom("ATTENTION_STORE")
 
@@ -18,10 +19,12 @@ AttentionStoreType = io.Custom("ATTENTION_STORE")
 class AttentionStore(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return Schema(
             node_id="AttentionStore",
             display_name="Attention Store (source branch)",
-            category="attention_edit",
+            category=CATEGORY,
+            search_aliases=["prompt to prompt", "p2p", "free prompt editing", "fpe", "attention store", "source branch",
+                            "image editing"],
             description="Records the source branch's attention while an ordinary sampler samples it. "
                         "Sample the source with this MODEL and CONDITIONING; the edit nodes read the store.",
             inputs=[

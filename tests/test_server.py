@@ -51,7 +51,17 @@ def test_object_info_lists_pack_nodes(server):
         assert list(info[name]["output"]) == PACK_OUTPUTS[name], name
     for name in PACK_INPUTS:
         if name != "TinySDCheckpointLoader":
-            assert info[name]["category"] == "attention_edit", name
+            assert info[name]["category"].split("/")[0] == "attention_edit", name
+            assert info[name]["search_aliases"], name  # served even where io.Schema lacks the field
+    # what users type finds the nodes: the frontend searches name, display name and search_aliases
+    for term, expected in (("prompt to prompt", {"P2PReplace", "P2PRefine", "P2PReweight", "P2PLocalBlend"}),
+                           ("free prompt editing", {"FPESelfAttnInject"}),
+                           ("inversion", {"DDIMInvert", "NullTextInversion"}),
+                           ("attention map", {"AttentionMapPreview"})):
+        found = {n for n, node in info.items() if term in node.get("search_aliases", [])}
+        assert found >= expected, (term, found)
+    assert info["P2PReplace"]["category"] == "attention_edit/prompt_to_prompt"
+    assert info["DDIMInvert"]["category"] == "attention_edit/inversion"
 
 
 def test_p2p_replace_end_to_end(server):
@@ -83,3 +93,28 @@ def test_server_survives_failing_graph(server):
     images = server.images(entry)
     assert len(images) == 2 and all(im.shape == (128, 128, 3) for im in images)
     assert server.proc is not None and server.proc.poll() is None
+
+
+def test_templates_browser_lists_the_examples_with_thumbnails(server):
+    """ComfyUI's templates browser: GET /api/workflow_templates lists the pack's top-level workflows
+    by title, and serves each one and the thumbnail the frontend asks for (<name>.jpg)."""
+    import json
+    import pathlib
+    import urllib.parse
+    import urllib.request
+
+    import make_workflows as mw
+
+    def get(path: str):
+        with urllib.request.urlopen(server.url + urllib.parse.quote(path), timeout=30) as r:
+            return r.headers.get("Content-Type", ""), r.read()
+
+    _, body = get("/api/workflow_templates")
+    listed = json.loads(body)["comfyui-attention-edit"]
+    assert sorted(listed) == sorted(mw.TITLES.values())
+    for name in listed:
+        kind, data = get(f"/api/workflow_templates/comfyui-attention-edit/{name}.json")
+        assert json.loads(data)["nodes"], name
+        kind, data = get(f"/api/workflow_templates/comfyui-attention-edit/{name}.jpg")
+        assert kind == "image/jpeg" and data[:3] == b"\xff\xd8\xff", name
+    assert pathlib.Path(mw.WORKFLOWS / "demo").is_dir()  # the demo-model versions stay out of the list

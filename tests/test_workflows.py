@@ -18,7 +18,7 @@ UI_FILES = sorted(p for p in WORKFLOWS.rglob("*.json") if "api" not in p.relativ
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 # Combos listing the user's model files: the value names a file the user supplies.
 FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): (".safetensors", ".ckpt"), ("LoadImage", "image"): (".png",)}
-SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SD15_CHECKPOINT, SDXL_CHECKPOINT = "v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"
 
 
 def rel(path: pathlib.Path) -> str:
@@ -38,7 +38,44 @@ def test_the_expected_workflows_are_there():
     expected = set(mw.example_graphs())
     assert {rel(p) for p in UI_FILES} >= expected
     assert {rel(p) for p in API_FILES} >= {mw.api_path(r) for r in expected}
-    assert len(expected) == 14
+    assert len(expected) == 17
+    top = {rel(p) for p in UI_FILES if p.parent == WORKFLOWS}
+    assert top == {f"{t}.json" for t in mw.TITLES.values()}, "top-level workflows are titled (the templates browser shows the name)"
+    for name in top:  # the templates browser shows <name>.jpg beside each one
+        assert (WORKFLOWS / name).with_suffix(".jpg").exists(), f"no thumbnail for {name}: make_workflows.py --thumbnails"
+
+
+def test_every_node_of_the_pack_is_in_an_example(object_info):
+    import node_reference
+    used = {n["type"] for p in UI_FILES if p.parent == WORKFLOWS for n in load(p)["nodes"]}
+    assert set(node_reference.pack_nodes(object_info)) <= used, set(node_reference.pack_nodes(object_info)) - used
+    sdxl = {n["type"] for p in UI_FILES if "(SDXL)" in p.name for n in load(p)["nodes"]}
+    assert {"P2PReplace", "FPESelfAttnInject", "DDIMInvert", "NullTextInversion"} <= sdxl
+
+
+@pytest.mark.parametrize("path", [p for p in UI_FILES if p.parent == WORKFLOWS], ids=rel)
+def test_top_level_examples_guide_the_user(path):
+    """A note saying what to change, a group per branch holding its sampler, one seed/steps/cfg
+    source linked to both samplers, and the checkpoint's download address."""
+    wf = load(path)
+    notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
+    assert notes and "What to change" in notes[0]["widgets_values"][0]
+    groups = {g["title"].split(":")[0]: g["bounding"] for g in wf["groups"]}
+    assert {"Source branch", "Target branch"} <= set(groups)
+    samplers = [n for n in wf["nodes"] if n["type"] in ("KSampler", "KSamplerAdvanced")]
+    for sampler in samplers:
+        x, y, w, h = groups["Source branch" if "source" in sampler["title"] else "Target branch"]
+        assert x <= sampler["pos"][0] < x + w and y <= sampler["pos"][1] < y + h, sampler["title"]
+    links = {link[0]: link for link in wf["links"]}
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for name in ("steps", "cfg") + (("seed",) if samplers[0]["type"] == "KSampler" else ()):
+        sources = {by_id[links[i["link"]][1]]["type"] + str(links[i["link"]][1]) for s in samplers
+                   for i in s["inputs"] if i["name"] == name and i.get("link") is not None}
+        assert len(sources) == 1 and "Primitive" in next(iter(sources)), (name, sources)
+    loader = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    (model,) = loader["properties"]["models"]
+    assert model["name"] == loader["widgets_values"][0] and model["directory"] == "checkpoints"
+    assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(model["name"])
 
 
 def check_widget_value(node_type: str, name: str, spec: list, value, where: str) -> None:
@@ -75,6 +112,9 @@ def test_ui_workflow_is_consistent_with_object_info(path, object_info):
 
     for node in wf["nodes"]:
         where = f"node {node['id']} ({node['type']})"
+        if node["type"] in mw.FRONTEND_ONLY:  # a note: one text widget, no sockets
+            assert not node["inputs"] and not node["outputs"] and len(node["widgets_values"]) == 1, where
+            continue
         assert node["type"] in object_info, f"{where}: unknown node type"
         info = object_info[node["type"]]
         assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
@@ -130,7 +170,7 @@ def test_ui_to_api_round_trip_equals_the_api_file(path, object_info):
     api_file = WORKFLOWS / mw.api_path(rel(path))
     assert api_file.exists(), f"{rel(path)} has no API version {mw.api_path(rel(path))}"
     assert mw.ui_to_api(load(path), object_info) == load(api_file)
-    assert mw.api_to_ui(load(api_file), object_info) == load(path)
+    assert mw.undecorated(mw.api_to_ui(load(api_file), object_info)) == mw.undecorated(load(path))
 
 
 @pytest.mark.parametrize("path", [p for p in UI_FILES if rel(p) in mw.example_graphs()], ids=rel)
@@ -146,6 +186,8 @@ def test_examples_sample_both_branches_alike(path, object_info):
     seeds = [n["widgets_values"][seed_at[n["type"]]:seed_at[n["type"]] + 2] for n in load(path)["nodes"]
              if n["type"] in seed_at]
     assert seeds and all(control == "fixed" for _, control in seeds), "the seed must stay fixed between runs"
+    shared = [n["widgets_values"] for n in load(path)["nodes"] if n["type"] == "PrimitiveInt"]
+    assert shared and all(control == "fixed" for _, control in shared), "the shared seed/steps must stay fixed"
 
 
 def test_regenerating_gives_the_committed_files(tmp_path, object_info):
@@ -180,12 +222,13 @@ def input_dir(tmp_path, comfy_nodes):
 
 @pytest.fixture
 def sd15_checkpoint_name(tmp_path, comfy_nodes):
-    """A placeholder file named like the SD1.5 checkpoint, so validation sees it in the list."""
+    """Placeholder files named like the SD1.5 and SDXL checkpoints, so validation sees them in the list."""
     import folder_paths
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / SD15_CHECKPOINT).write_bytes(b"")
+    (folder / SDXL_CHECKPOINT).write_bytes(b"")
     folder_paths.add_model_folder_path("checkpoints", str(folder))
     try:
         yield SD15_CHECKPOINT
@@ -200,7 +243,8 @@ def test_comfyui_validates_the_api_graph(path, sd15_checkpoint_name, input_dir):
 
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), load(path), None))
     assert ok and not node_errors, f"{error}\n{json.dumps(node_errors, indent=1)}"
-    assert len(outputs) == 2  # both SaveImage nodes
+    graph = load(path)
+    assert sorted(outputs) == sorted(n for n, node in graph.items() if node["class_type"] in ("SaveImage", "PreviewImage"))
 
 
 class _Server:
@@ -308,3 +352,22 @@ def test_the_node_reference_is_up_to_date(object_info):
     import node_reference
     assert node_reference.OUT.read_text() == node_reference.render(object_info), \
         "docs/nodes.md is stale: run tools/node_reference.py"
+
+
+def test_readme_and_docs_show_every_example_and_their_links_resolve():
+    import re
+    import urllib.parse
+
+    top = [p for p in UI_FILES if p.parent == WORKFLOWS]
+    for path in top:  # the picture of each top-level workflow in the newest frontend (tests/test_frontend.py)
+        assert (REPO / "docs" / "screenshots" / f"{path.stem}.png").exists(), f"no docs/screenshots/{path.stem}.png"
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(((?:[^()\s]|\([^()\s]*\))+)\)", text):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            local = (doc.parent / urllib.parse.unquote(target.split("#")[0])).resolve()
+            assert local.exists(), f"{doc.relative_to(REPO)} links to {target}, which does not exist"
+    readme = (REPO / "README.md").read_text()
+    for path in top:
+        assert path.stem in readme, f"the README's example table misses {path.stem}"

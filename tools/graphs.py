@@ -110,3 +110,26 @@ def edit_graph(edit: str, source_prompt: str, target_prompt: str, seed: int, *, 
                                    sampler_name, scheduler)
     _decode_save(g, "edited", ["target_sampler", 0], f"{prefix}_edited")
     return g
+
+
+# The example workflows' real-checkpoint settings (tools/make_workflows.py writes workflows/ from them).
+# The real-image ones load ComfyUI's own input/example.png (a child's drawing of a girl in a pink dress
+# on a hill under a blue sky): their prompts describe that image, so they run as they are in any ComfyUI.
+SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+CHECKPOINT_URLS = {  # properties.models of the loader: the frontend offers the download when the file is absent
+    SD15_CHECKPOINT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                     "v1-5-pruned-emaonly.safetensors",
+    SDXL_CHECKPOINT: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                     "sd_xl_base_1.0.safetensors",
+}
+SD15_SETTINGS = {"size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
+SDXL_SETTINGS = {"size": 1024, "steps": 30, "cfg": 6.0, "seed": 42}
+REAL_IMAGE = {
+    "image": "example.png",
+    "source": "a child's drawing of a girl in a pink dress on a green hill",
+    "target": "a child's drawing of a girl in a blue dress on a green hill",
+    "source_words": "pink dress", "target_words": "blue dress",  # local blend: the region that may change
+}
+REAL_IMAGE_FPE_TARGET = "a child's drawing of a girl in a blue dress on a snowy hill"  # FPE: any new prompt
+NULL_TEXT = {"inner_steps": 10, "early_stop": 1e-5}  # NullTextInversion's widgets in the SDXL real-image workflow

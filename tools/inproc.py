@@ -17,6 +17,9 @@ def node_classes() -> dict:
     torch.set_num_threads(1)
     import nodes
 
+    import make_workflows  # the example workflows' core extras (PrimitiveInt, ...), as the server has them
+
+    make_workflows.load_core_extras(nodes, path)
     for name in ("comfyui-attention-edit", "comfyui-attention-edit-demo-model"):
         folder = path / "custom_nodes" / name
         if not folder.exists():

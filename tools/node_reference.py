@@ -12,11 +12,11 @@ import make_workflows as mw
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "nodes.md"
-CATEGORY = "attention_edit"
+CATEGORY = "attention_edit"  # the pack's top category; its nodes sit in it or its subcategories
 
 
 def pack_nodes(info: dict) -> dict:
-    return {name: node for name, node in info.items() if node.get("category") == CATEGORY}
+    return {name: node for name, node in info.items() if node.get("category", "").split("/")[0] == CATEGORY}
 
 
 def describe_input(spec: list) -> tuple[str, str]:
@@ -38,6 +38,8 @@ def render(info: dict) -> str:
              "serves); the tooltips are the ones the frontend shows.", ""]
     for name, node in sorted(pack_nodes(info).items(), key=lambda kv: kv[1].get("display_name", kv[0])):
         lines += [f"## {node.get('display_name') or name} (`{name}`)", "", node.get("description", ""), "",
+                  f"Node library: `{node.get('category')}`. Search terms: "
+                  + ", ".join(f"`{a}`" for a in node.get("search_aliases") or []) + ".", "",
                   "| input | type | default | what it does |", "|---|---|---|---|"]
         for inp, spec, optional in mw.ordered_inputs(node):
             kind, default = describe_input(spec)

@@ -59,6 +59,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 "$vpy" "$here/tools/torchvision_cpu_shim.py" --install || die "could not make torchvision importable"
 
+# 2b. The newest ComfyUI frontend too, in its own folder (not the venv: ComfyUI 0.3.75 pins 1.32.9):
+#     tests/test_frontend.py loads every workflow in both (the server gets it via --front-end-root).
+NEWEST_FRONTEND="$(sed -n 's/^NEWEST_FRONTEND = "\([^"]*\)".*/\1/p' "$here/tests/test_frontend.py")"
+front="$here/.comfyui/frontend-$NEWEST_FRONTEND"
+if [ -n "$NEWEST_FRONTEND" ] && [ ! -f "$front/comfyui_frontend_package/static/index.html" ]; then
+  say "installing comfyui-frontend-package==$NEWEST_FRONTEND into $front (for the frontend test)"
+  rm -rf "$front"
+  pipi --no-deps --target "$front" "comfyui-frontend-package==$NEWEST_FRONTEND"
+fi
+
 # 3. Link this pack (and the demo-model loader) into ComfyUI's custom_nodes.
 link() { local dst="$comfy/custom_nodes/$2"; [ -L "$dst" ] || [ -e "$dst" ] || ln -s "$1" "$dst"; }
 link "$here" comfyui-attention-edit

@@ -155,7 +155,10 @@ def main() -> None:
         print(f"initialised from {args.init_from}", flush=True)
     if state_path.exists():
         st = torch.load(state_path, weights_only=True)
-        unet.load_state_dict(st["unet"]); opt.load_state_dict(st["opt"]); ema = st["ema"]; step = st["step"]
+        unet.load_state_dict(st["unet"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        step = st["step"]
         print(f"resumed at step {step}", flush=True)
     state_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(state_path.parent / "train_log.txt", "a")
@@ -177,15 +180,22 @@ def main() -> None:
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[k].copy_(v)
         if step % 50 == 0:
             msg = f"step {step} loss {loss.item():.4f} {(time.time() - t0) / 50:.2f}s/step"
-            print(msg, flush=True); log.write(msg + "\n"); log.flush(); t0 = time.time()
+            print(msg, flush=True)
+            log.write(msg + "\n")
+            log.flush()
+            t0 = time.time()
         if step % args.save_every == 0 or step == args.steps:
             torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step}, state_path)
             export(ema, te, out)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            live = build_unet(args.seed); live.load_state_dict(ema); live.eval()
+            live = build_unet(args.seed)
+            live.load_state_dict(ema)
+            live.eval()
             colour, shape = caption_accuracy(live, emb)
             msg = f"step {step} caption accuracy (EMA, 36 samples, 15 DDIM steps, cfg 5): colour {colour:.2f} shape {shape:.2f}"
-            print(msg, flush=True); log.write(msg + "\n"); log.flush()
+            print(msg, flush=True)
+            log.write(msg + "\n")
+            log.flush()
 
 
 if __name__ == "__main__":
