@@ -47,10 +47,11 @@ def current_sigma(extra: dict) -> float:
 class Occurrences:
     """Names each model evaluation of a run: samplers such as heun evaluate the model twice at the
     same sigma (a correction, then the next step), so a key is the sigma and its evaluation number.
-    The guider's predict_noise wrapper opens each evaluation (`begin`): every model call inside it
-    (split cond/uncond batches, a second positive of ConditioningCombine, PAG's perturbed pass)
-    shares its key. Without it, calls are counted per layer and chunk. Source and target sample
-    alike, so their keys agree."""
+    The guider's predict_noise wrapper opens each evaluation (`begin`); inside it each layer's calls
+    are numbered too ("<sigma>#<evaluation>/<call>"): PAG's perturbed pass or a second positive of
+    ConditioningCombine is call 1. A target whose source made no such call reads call 0
+    (`main_call`). Without the wrapper, calls are counted per layer and chunk. Source and target
+    sample alike, so their keys agree."""
 
     def __init__(self):
         self.seen: dict[tuple, int] = {}
@@ -71,11 +72,25 @@ class Occurrences:
 
     def key(self, sigma: float, *where) -> str:
         sk = sigma_key(sigma)
-        if self.current is not None and self.current[0] == sk:
-            return self.current[1]
-        n = self.seen.get((sk, *where), 0)
-        self.seen[(sk, *where)] = n + 1
-        return f"{sk}#{n}"
+        base = self.current[1] if self.current is not None and self.current[0] == sk else sk
+        n = self.seen.get((base, *where), 0)
+        self.seen[(base, *where)] = n + 1
+        return f"{base}/{n}" if base != sk else f"{sk}#{n}"
+
+
+def main_call(key: str) -> str:
+    """The key of the evaluation's first call for this layer (the one every source makes)."""
+    evaluation, sep, _ = key.partition("/")
+    return f"{evaluation}/0" if sep else key
+
+
+def source_entry(table: dict, key):
+    """table[key], or the evaluation's first call where the source made no such call."""
+    if key in table:
+        return table[key]
+    *layer, sk = key if isinstance(key, tuple) else (key,)
+    fallback = (*layer, main_call(sk)) if isinstance(key, tuple) else main_call(sk)
+    return table.get(fallback)
 
 
 def predict_noise(occurrences: Occurrences, executor, x, timestep, model_options, seed):
@@ -178,8 +193,6 @@ class Recorder(Shared):
                 if cou != COND:  # the edits read the conditional half only
                     continue
                 sk = self.occurrences.key(sigma, "input", cou)
-                if sk in rec.inputs:  # a second call of this evaluation (PAG, ConditioningCombine)
-                    continue
                 rec.inputs[sk] = x[rows].detach()
                 rec.conds[sk] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond))
                 self.last_cond = sk
@@ -197,7 +210,7 @@ class Recorder(Shared):
         for cou, rows in chunks(extra, q.shape[0]):
             sk = self.occurrences.key(sigma, patch.kind, key, cou)
             if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
-                if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level and (key, sk) not in rec._maps:
+                if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level:
                     hw = spatial_hw(extra, q.shape[1])
                     rec.layer_hw.setdefault(key, (extra["n_heads"], hw))
                     rec.map_tokens(key, sk, q[rows], k[rows])
@@ -205,9 +218,9 @@ class Recorder(Shared):
             if cou != COND:  # P2P and FPE edit the conditional half only
                 continue
             if patch.kind == "attn1":
-                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps) and (key, sk) not in rec.self_qk:
+                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
                     rec.self_qk[(key, sk)] = (rec.keep(q[rows]), rec.keep(k[rows]))
-            elif (key, sk) not in rec.map_q and (key, sk) not in rec.cross_q:  # the evaluation's first call
+            else:
                 kept = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
                     kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
@@ -461,13 +474,13 @@ class Editor(Shared):
         if control is not None:
             raise RecordError(f"{self.node}: the attention store recomputes the source (AttentionStore's strategy/"
                               "budget_mb), which cannot reproduce a ControlNet: set strategy 'keep' or raise budget_mb")
-        if any(k not in rec.inputs for k in keys):
+        if any(source_entry(rec.inputs, k) is None for k in keys):
             raise RecordError(f"{self.node}: the attention store has no source input at sigma {sigma:.4g}: sample "
                               "both branches with the same sampler, steps and scheduler")
         conds = dict(kwargs, c_crossattn=c_crossattn, c_concat=c_concat)
         for name, c in conds.items():
             if batched(c, x.shape[0]):
-                src = [rec.conds[k].get(name) for k in keys]
+                src = [source_entry(rec.conds, k).get(name) for k in keys]
                 if name == "c_crossattn" and all(s is not None for s in src):  # as ComfyUI batches prompts
                     src, c = repeat_to_common_length(src, c)                    # of different lengths
                 if any(s is None or s.shape[1:] != c.shape[1:] for s in src):
@@ -475,7 +488,7 @@ class Editor(Shared):
                                       f"cannot be batched with the target's {tuple(c.shape[1:])}: set AttentionStore's "
                                       "strategy to 'keep'")
                 conds[name] = torch.cat([self._source(s, c[rows]) for s, (_, rows) in zip(src, parts)] + [c])
-        xs = torch.cat([self._source(rec.inputs[k], x[rows]) for k, (_, rows) in zip(keys, parts)] + [x])
+        xs = torch.cat([self._source(source_entry(rec.inputs, k), x[rows]) for k, (_, rows) in zip(keys, parts)] + [x])
         cou_all = [COND] * len(parts) + list(transformer_options["cond_or_uncond"])
         opts = dict(transformer_options, cond_or_uncond=cou_all, **{LIVE_SOURCE: len(parts)})
         if "uuids" in opts:
@@ -497,7 +510,7 @@ class Editor(Shared):
         active = cross is not None and cross.active(step, rec.num_steps)
         jobs, q_s, k_s = None, None, None
         if active:
-            q_s, k_s = live_qk or (rec.cross_q.get((patch.layer.key, sk)), rec.cross_k.get(patch.layer.key))
+            q_s, k_s = live_qk or (source_entry(rec.cross_q, (patch.layer.key, sk)), rec.cross_k.get(patch.layer.key))
             if q_s is None or k_s is None:
                 self._missing_live_source(sigma)
                 raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
@@ -514,7 +527,7 @@ class Editor(Shared):
             if active:  # P2P's local blend reads the map after the edit
                 src = token_maps(q_s, k_s, heads, hw, rec.prompt.length, rec.prompt.map_tokens)
                 m = edited_maps(src, m, cross.mapper, ws, wt)
-            self.maps.setdefault((patch.layer.key, sk), m)  # the evaluation's first call
+            self.maps[(patch.layer.key, sk)] = m
         return jobs
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
@@ -533,7 +546,7 @@ class Editor(Shared):
                 live_qk = (q[sources[0][1]], k[sources[0][1]]) if live else None
                 if patch.kind == "attn1":
                     if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
-                        src = live_qk or rec.self_qk.get((key, sk))
+                        src = live_qk or source_entry(rec.self_qk, (key, sk))
                         if src is None:
                             self._missing_live_source(sigma)
                             raise RecordError(f"{self.node}: the attention store has no self-attention of layer "

@@ -1,8 +1,6 @@
 """ComfyUI glue shared by the nodes: prompts from CLIP, layer discovery, patch installation."""
 from __future__ import annotations
 
-import torch
-
 import comfy.ldm.modules.attention
 from comfy import sd1_clip
 
