@@ -65,6 +65,30 @@ def test_local_blend_keeps_everything_outside_the_mask_exactly(tiny):
     assert (unblended - src["samples"]).abs().max() > 1e-2
 
 
+def test_local_blend_mask_input(tiny):
+    """P2PLocalBlend's MASK: with 'mask only', a mask of zeros keeps the source everywhere, a mask of
+    ones leaves the edit alone, and a left-half mask changes the left half only; with 'intersect'
+    the words' mask cannot reach outside the MASK."""
+    src_model, pos, st = store(tiny, "a red circle")
+    src = tiny.sample(src_model, pos, seed=6)
+    p2p, tgt_pos = tiny.node("P2PReplace").execute(tiny.model, tiny.clip, st, src, "a blue circle", 0.8, "", 0.4,
+                                                   "p2p_16").result
+    blend = tiny.node("P2PLocalBlend").execute
+    edit = tiny.sample(p2p, tgt_pos, seed=6)["samples"]
+    size = tiny.size
+    zeros, ones, left = torch.zeros(1, size, size), torch.ones(1, size, size), torch.zeros(1, size, size)
+    left[..., : size // 2] = 1
+    run = lambda mask, combine: tiny.sample(blend(p2p, "circle", "circle", 0.3, 0.0, "", 1, mask, combine).result[0],  # noqa: E731
+                                            tgt_pos, seed=6)["samples"]
+    torch.testing.assert_close(run(zeros, "mask only"), src["samples"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(run(ones, "mask only"), edit, rtol=0, atol=1e-5)
+    for combine in ("mask only", "intersect"):
+        out = run(left, combine)
+        half = out.shape[-1] // 2
+        torch.testing.assert_close(out[..., half:], src["samples"][..., half:], rtol=0, atol=1e-5)
+        assert (out[..., :half] - src["samples"][..., :half]).abs().max() > 1e-2, combine
+
+
 def pooled(tiny, cases, methods, seed=31, batch=8) -> dict[str, dict]:
     """The eval's measures (tools/edits.py) per method, pooled over `cases`, at the eval's 20 steps."""
     import dataclasses
