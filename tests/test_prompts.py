@@ -68,6 +68,7 @@ def test_prompts_longer_than_one_chunk_address_every_chunk(clip, prompt):
 
 # ------------------------------------------------------------------ through the real server
 def run(server, graph):
+    """The source and edited images (float32 in [0, 1]) of an edit graph."""
     entry = server.run(graph, timeout=180)
     return (np.stack(server.images(entry, graphs.SOURCE_SAVE)).astype(np.float32),
             np.stack(server.images(entry, graphs.EDITED_SAVE)).astype(np.float32))
@@ -108,16 +109,17 @@ def test_long_negative_and_long_source_prompt_edit_exactly_on_their_own_maps(ser
         graph["edit"]["inputs"].update({"cross_attention_until": 1.0, "self_attention_until": 1.0,
                                         "self_attention_layers": "all"} if kind not in ("fpe", "reweight") else {})
         source_img, edited = run(server, graph)
-        assert np.abs(source_img - edited).max() <= 1, (kind, len(src), len(neg))  # 8-bit images: one level of rounding
+        # 8-bit images: the latents agree to float precision, so at most one level of rounding
+        assert np.abs(source_img - edited).max() <= 1.001 / 255, (kind, len(src), len(neg))
 
 
-def test_long_negative_colour_swap_edits(server):
+def test_long_negative_colour_swap_edits(server, comfy_nodes):
     """With a 120-token negative the word swap still turns the circle blue and keeps its place."""
-    import shapes
+    import shapes  # demo_model/, on sys.path once ComfyUI has loaded it (comfy_nodes)
 
     graph = graphs.edit_graph("replace", "a red circle", "a blue circle", 11, steps=12,
                               negative=LONG_NEGATIVE, edit_inputs=graphs.TINYSD_P2P)
     source_img, edited = run(server, graph)
-    a, b = shapes.classify(source_img[0] / 255), shapes.classify(edited[0] / 255)
+    a, b = shapes.classify(source_img[0]), shapes.classify(edited[0])
     assert (a.colour, b.colour) == ("red", "blue")
     assert shapes.iou(a.mask, b.mask) > 0.6
