@@ -130,6 +130,7 @@ class Recorder(Shared):
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
+            check_inversion_sampler(sampler, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
         self.occurrences, self.last_cond = Occurrences(), {}
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -233,6 +234,24 @@ def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, no
                           "KSamplerAdvanced with add_noise 'disable' (or SamplerCustom with add_noise off)")
 
 
+INVERSION_SAMPLERS = ("euler", "ddim")  # what an inversion's trajectory can be retraced with
+
+
+def check_inversion_sampler(sampler, node: str) -> None:
+    """An inverted image's branches must take deterministic Euler (= DDIM) steps: the inversion
+    walked the schedule backwards with them, and direct inversion's correction is the denoised
+    prediction whose Euler step lands on the trajectory. A multistep (dpmpp_2m), two-evaluation
+    (heun) or noise-adding (euler_ancestral, SDE) sampler would leave it at every step."""
+    fn = getattr(sampler, "sampler_function", None)
+    name = getattr(fn, "__name__", type(sampler).__name__).removeprefix("sample_")
+    churn = float(getattr(sampler, "extra_options", {}).get("s_churn", 0.0) or 0.0)
+    if name == "euler" and churn == 0.0:
+        return
+    raise RecordError(f"{node}: a real-image edit (an inversion) samples both branches with sampler euler or ddim "
+                      f"(deterministic DDIM steps, as DDIMInvert inverted), not '{name}'"
+                      + (" with churn" if name == "euler" else "") + ": set sampler_name to euler or ddim")
+
+
 @dataclass
 class CrossEdit:
     """P2P's cross-attention edit for the target prompt (see inject.edit_cross_attention)."""
@@ -284,6 +303,7 @@ class Editor(Shared):
                               "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
+            check_inversion_sampler(sampler, self.node)
         self.maps.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()

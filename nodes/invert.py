@@ -137,7 +137,10 @@ class NullTextInversion(io.ComfyNode):
             kwargs = {k: c.process_cond(batch_size=x.shape[0], device=device).cond for k, c in conds.items()}
             return dm.apply_model(x, torch.full((x.shape[0],), sigma, device=device), transformer_options=options, **kwargs)
 
+        # one embedding per image: each image's step depends on its own row only, so one batched Adam run
+        # optimises every image as if alone (its loss is the batch mean: the same directions, Adam's scale)
         emb = negative[0][0].to(device)
+        emb = emb.expand(z.shape[0], *emb.shape[1:]) if emb.shape[0] == 1 else emb
         cond_emb = positive[0][0].to(device)
         embeddings, pbar = [], comfy.utils.ProgressBar(n)
         with torch.inference_mode(False), torch.enable_grad():
