@@ -129,8 +129,8 @@ class Recorder(Shared):
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
-            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
             check_inversion_sampler(sampler, "AttentionStore")
+            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
         self.occurrences, self.last_cond = Occurrences(), {}
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -302,8 +302,8 @@ class Editor(Shared):
                               "recomputes the source (AttentionStore's strategy/budget_mb), which cannot reproduce "
                               "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
-            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
             check_inversion_sampler(sampler, self.node)
+            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
         self.maps.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()

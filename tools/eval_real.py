@@ -11,7 +11,7 @@ Inversions (graphs.REAL_INVERSIONS), each DDIMInvert at cfg 1 with the source pr
 - ddim: both branches sample the inverted noise as it is (negative: empty prompt);
 - direct: AttentionStore gets the inversion (the source re-anchored every step, exact) and the target
   gets the source's per-step corrections (correct_target on);
-- direct, no target correction: the same, correct_target off (the default, graphs.REAL_IMAGE);
+- direct without target correction: the same, correct_target off (the default, graphs.REAL_IMAGE);
 - negative-prompt: the source prompt as the negative of both branches (FPE: empty, so = ddim);
 - null-text: NullTextInversion's per-step negatives in both branches.
 
@@ -55,7 +55,7 @@ def branches(tiny: inproc.Tiny, inversion: str, source_prompt: str, latent: dict
                                             graphs.REAL_IMAGE["invert_cfg"]).result
     if inversion == "ddim":
         return noise, empty, None, False
-    if inversion in ("direct", "direct, no target correction"):
+    if inversion in ("direct", "direct without target correction"):
         return noise, empty, inv, inversion == "direct"
     if inversion == "negative-prompt":
         return noise, pos, None, False
@@ -138,7 +138,7 @@ def main() -> None:
           f"{args.batch} x 2 prompt pairs per kind, {args.steps} {args.sampler} steps ({args.scheduler}); DDIMInvert "
           f"cfg {graphs.REAL_IMAGE['invert_cfg']}; null-text {args.null_inner_steps} evals/step, lr {args.null_lr}. "
           "bg PSNR: median dB outside both masks against the image (per background: W/B/G)", flush=True)
-    print(f"{'cfg':>4s} {'kind':7s} {'inversion':29s} {'method':18s} {'n':>3s} {'success':>7s} {'IoU':>5s} "
+    print(f"{'cfg':>4s} {'kind':7s} {'inversion':32s} {'method':18s} {'n':>3s} {'success':>7s} {'IoU':>5s} "
           f"{'shift':>5s} {'bg PSNR':>7s} {'W':>5s} {'B':>5s} {'G':>5s}", flush=True)
     t0 = time.time()
     for cfg in args.cfg:
@@ -151,7 +151,7 @@ def main() -> None:
                         results[key] += rows
             for (inversion, method), rows in results.items():
                 s = summary(rows)
-                print(f"{cfg:4.1f} {kind:7s} {inversion:29s} {method:18s} {s['n']:3d} {s['success']:7.2f} {s['iou']:5.2f} "
+                print(f"{cfg:4.1f} {kind:7s} {inversion:32s} {method:18s} {s['n']:3d} {s['success']:7.2f} {s['iou']:5.2f} "
                       f"{s['shift']:5.1f} {s['psnr_bg']:7.1f} {s['white']:5.1f} {s['black']:5.1f} {s['gray']:5.1f}",
                       flush=True)
     print(f"({time.time() - t0:.0f} s)")

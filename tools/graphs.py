@@ -28,9 +28,9 @@ TINYSD_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_a
 # inversion) with correct_target OFF, both branches KSamplerAdvanced add_noise disable, euler, normal.
 # The source's per-step corrections were computed for the source's own prediction; added to the target
 # they push what the prompts do not name (the background) off the image.
-REAL_IMAGE = {"inversion": "direct, no target correction", "invert_cfg": 1.0, "correct_target": False,
+REAL_IMAGE = {"inversion": "direct without target correction", "invert_cfg": 1.0, "correct_target": False,
               "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
-REAL_INVERSIONS = ("ddim", "direct", "direct, no target correction", "negative-prompt", "null-text")
+REAL_INVERSIONS = ("ddim", "direct", "direct without target correction", "negative-prompt", "null-text")
 
 
 def checkpoint_loader(ckpt_name: str) -> dict:
