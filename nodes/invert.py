@@ -27,8 +27,10 @@ class DDIMInvert(io.ComfyNode):
             node_id="DDIMInvert", display_name="DDIM Invert", category="attention_edit",
             description="Deterministic DDIM inversion of an image's latent to the noise it would be sampled from. "
                         "Sample the source and target branches from the LATENT with KSamplerAdvanced (add_noise "
-                        "disable, sampler euler or ddim, the same steps and scheduler); connect the inversion to "
-                        "AttentionStore for exact reconstruction (direct inversion).",
+                        "disable, sampler euler or ddim -- others are refused --, the same steps and scheduler); "
+                        "connect the inversion to AttentionStore for exact reconstruction (direct inversion, "
+                        "correct_target off). To keep what the prompts do not name (a background): FPE, or P2P with "
+                        "P2PLocalBlend (docs/real-images.md).",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL (not one patched by this pack)."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: P2P needs one that describes the image; "

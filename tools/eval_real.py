@@ -32,6 +32,7 @@ import inproc
 
 BACKGROUNDS = ("white", "black", "gray")
 METHODS = ("seed only", "P2P", "P2P + local blend", "FPE")
+PLAIN_NEGATIVE = ("ddim", "direct", "direct without target correction")  # an empty prompt's negative
 
 
 def real_images(case: edits.EditCase, seed: int, batch: int) -> np.ndarray:
@@ -46,13 +47,15 @@ def real_images(case: edits.EditCase, seed: int, batch: int) -> np.ndarray:
     return np.stack([shapes.render(s) for s in specs])
 
 
-def branches(tiny: inproc.Tiny, inversion: str, source_prompt: str, latent: dict, null_opts: dict):
+def branches(tiny: inproc.Tiny, inversion: str, source_prompt: str, latent: dict, null_opts: dict, cache: dict):
     """(noise, negative of both branches, AttentionStore's inversion input, correct_target) for one
-    inversion kind of a batch of image latents."""
+    inversion kind of a batch of image latents (the DDIM inversion of a prompt is made once, in `cache`)."""
     node, empty = tiny.node, tiny.encode("")
     pos = tiny.encode(source_prompt)
-    noise, inv = node("DDIMInvert").execute(tiny.model, pos, empty, latent, tiny.steps, tiny.scheduler,
-                                            graphs.REAL_IMAGE["invert_cfg"]).result
+    if source_prompt not in cache:
+        cache[source_prompt] = node("DDIMInvert").execute(tiny.model, pos, empty, latent, tiny.steps, tiny.scheduler,
+                                                          graphs.REAL_IMAGE["invert_cfg"]).result
+    noise, inv = cache[source_prompt]
     if inversion == "ddim":
         return noise, empty, None, False
     if inversion in ("direct", "direct without target correction"):
@@ -79,21 +82,28 @@ def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversio
     tgt_pos = tiny.encode(case.target)
     s_words, _, t_words = case.blend_words.partition("|")
     out: dict[tuple[str, str], list[dict]] = {}
+    inverted, sources, seed_rows = {}, {}, None
     for inversion in inversions:
         for prompt_kind in ("source", "empty"):
             wanted = [m for m in methods if (m == "FPE") == (prompt_kind == "empty")]
             if not wanted:
                 continue
             source_prompt = case.source if prompt_kind == "source" else ""
-            noise, negative, inv, correct = branches(tiny, inversion, source_prompt, latent, null_opts)
-            store_out = node("AttentionStore").execute(
-                tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0, "model dtype", correct_target=correct,
-                inversion=inv, token_map_level=edits.BLEND["token_map_level"]).result
-            src_model, src_pos, store = store_out
-            source = tiny.sample_from(src_model, src_pos, noise, negative)
+            noise, negative, inv, correct = branches(tiny, inversion, source_prompt, latent, null_opts, inverted)
+            # the two direct inversions share the source run; correct_target is read while the target samples
+            key = (source_prompt, "direct" if inv is not None else inversion)
+            if key not in sources:
+                src_model, src_pos, store = node("AttentionStore").execute(
+                    tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0, "model dtype", correct_target=correct,
+                    inversion=inv, token_map_level=edits.BLEND["token_map_level"]).result
+                sources[key] = (store, tiny.sample_from(src_model, src_pos, noise, negative))
+            store, source = sources[key]
+            store.correct_target = correct
             models = {}
             for m in wanted:
-                if m == "seed only":
+                if m == "seed only" and inversion in PLAIN_NEGATIVE and seed_rows is not None:
+                    out[(inversion, m)] = seed_rows  # the same noise and negative: the same samples
+                elif m == "seed only":
                     models[m] = tiny.model
                 elif m == "FPE":
                     models[m] = node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
@@ -106,6 +116,8 @@ def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversio
                 edited = tiny.images(tiny.sample_from(model, tgt_pos, noise, negative))
                 out[(inversion, m)] = [dict(edits._measure(shapes, case, r, e), background=BACKGROUNDS[i % 3])
                                        for i, (r, e) in enumerate(zip(ref, edited))]
+                if m == "seed only" and inversion in PLAIN_NEGATIVE:
+                    seed_rows = out[(inversion, m)]
     return out
 
 
@@ -123,7 +135,8 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, nargs="+", default=[5.0, 7.0])
     ap.add_argument("--steps", type=int, default=graphs.REAL_IMAGE["steps"])
     ap.add_argument("--sampler", default=graphs.REAL_IMAGE["sampler_name"])
-    ap.add_argument("--scheduler", default=graphs.REAL_IMAGE["scheduler"])
+    ap.add_argument("--scheduler", nargs="+", default=[graphs.REAL_IMAGE["scheduler"]],
+                    help="ComfyUI scheduler names (DDIMInvert and both branches use the same)")
     ap.add_argument("--kinds", default="colour,shape")
     ap.add_argument("--inversions", default=",".join(graphs.REAL_INVERSIONS))
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -135,14 +148,16 @@ def main() -> None:
     inversions = tuple(args.inversions.split(","))
     null_opts = {"inner_steps": args.null_inner_steps, "lr": args.null_lr}
     print(f"Real-image edits on TinySD: rendered images on white/black/gray backgrounds the prompts do not name, "
-          f"{args.batch} x 2 prompt pairs per kind, {args.steps} {args.sampler} steps ({args.scheduler}); DDIMInvert "
+          f"{args.batch} x 2 prompt pairs per kind, {args.steps} {args.sampler} steps ({', '.join(args.scheduler)}); DDIMInvert "
           f"cfg {graphs.REAL_IMAGE['invert_cfg']}; null-text {args.null_inner_steps} evals/step, lr {args.null_lr}. "
           "bg PSNR: median dB outside both masks against the image (per background: W/B/G)", flush=True)
     print(f"{'cfg':>4s} {'kind':7s} {'inversion':32s} {'method':18s} {'n':>3s} {'success':>7s} {'IoU':>5s} "
           f"{'shift':>5s} {'bg PSNR':>7s} {'W':>5s} {'B':>5s} {'G':>5s}", flush=True)
     t0 = time.time()
-    for cfg in args.cfg:
-        tiny = inproc.Tiny.load(steps=args.steps, cfg=cfg, sampler=args.sampler, scheduler=args.scheduler)
+    for scheduler, cfg in ((sch, c) for sch in args.scheduler for c in args.cfg):
+        if len(args.scheduler) > 1:
+            print(f"scheduler {scheduler}", flush=True)
+        tiny = inproc.Tiny.load(steps=args.steps, cfg=cfg, sampler=args.sampler, scheduler=scheduler)
         for kind in kinds:
             results: dict[tuple[str, str], list[dict]] = defaultdict(list)
             for i, case in enumerate(edits.CASES):
