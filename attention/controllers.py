@@ -169,6 +169,7 @@ class Recorder(Shared):
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
+            check_inversion_sampler(sampler, "AttentionStore")
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
         self.record.settings = run_settings(executor, noise, sampler)
@@ -291,12 +292,16 @@ def check_whole_latent(x: torch.Tensor, latent_shape, node: str) -> None:
                           "of the whole image; use ConditioningSetMask (set_cond_area 'default') instead, or drop the area")
 
 
+def sampler_name(sampler) -> str:
+    """ComfyUI's name of a KSAMPLER's function ('ddim' runs euler's)."""
+    fn = getattr(sampler, "sampler_function", None)
+    return getattr(fn, "__name__", type(sampler).__name__).removeprefix("sample_")
+
+
 def run_settings(executor, noise: torch.Tensor, sampler) -> dict:
     """What an outer_sample wrapper can see of a run's settings: its noise, sampler and cfg."""
-    function = getattr(sampler, "sampler_function", None)
     cfg = getattr(getattr(executor, "class_obj", None), "cfg", None)
-    return {"noise": noise.detach().float().cpu(),
-            "sampler": getattr(function, "__name__", "").removeprefix("sample_") or None,
+    return {"noise": noise.detach().float().cpu(), "sampler": sampler_name(sampler),
             "cfg": float(cfg) if isinstance(cfg, (int, float)) else None}
 
 
@@ -315,6 +320,23 @@ def schedule_difference(sigmas: torch.Tensor, source: torch.Tensor) -> str | Non
     i = int((~torch.isclose(sigmas, source, rtol=1e-4, atol=1e-6)).nonzero()[0])
     return (f"differ from the source's at step {i} ({float(sigmas[i]):.4g} vs {float(source[i]):.4g}) with the "
             f"same {steps} steps: use the same scheduler in both branches")
+
+
+INVERSION_SAMPLERS = ("euler", "ddim")  # what an inversion's trajectory can be retraced with
+
+
+def check_inversion_sampler(sampler, node: str) -> None:
+    """An inverted image's branches must take deterministic Euler (= DDIM) steps: the inversion
+    walked the schedule backwards with them, and direct inversion's correction is the denoised
+    prediction whose Euler step lands on the trajectory. A multistep (dpmpp_2m), two-evaluation
+    (heun) or noise-adding (euler_ancestral, SDE) sampler would leave it at every step."""
+    name = sampler_name(sampler)
+    churn = float(getattr(sampler, "extra_options", {}).get("s_churn", 0.0) or 0.0)
+    if name == "euler" and churn == 0.0:
+        return
+    raise RecordError(f"{node}: a real-image edit (an inversion) samples both branches with sampler euler or ddim "
+                      f"(deterministic DDIM steps, as DDIMInvert inverted), not '{name}'"
+                      + (" with churn" if name == "euler" else "") + ": set sampler_name to euler or ddim")
 
 
 @dataclass
@@ -404,6 +426,7 @@ class Editor(Shared):
                               "recomputes the source (AttentionStore's strategy/budget_mb), which cannot reproduce "
                               "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
+            check_inversion_sampler(sampler, self.node)
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
         self.maps.clear()
         self.occurrences = Occurrences()

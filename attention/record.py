@@ -76,7 +76,7 @@ class SourceRecord:
     layer_hw: dict = field(default_factory=dict)  # layer key -> (heads, (h, w)) of every layer seen
     denoised: dict = field(default_factory=dict)  # sigma key -> (B, C, H, W)
     inversion: Trajectory | None = None  # a real image's trajectory: the source is re-anchored to it
-    correct_target: bool = True  # direct inversion: the target gets the source's corrections too
+    correct_target: bool = False  # direct inversion: the target gets the source's corrections too (off: see AttentionStore)
     corrections: dict = field(default_factory=dict)  # sigma key -> anchored minus model denoised
     mode: str = "pending"  # "keep" | "recompute" once the first step has shown what keeping costs
     estimated_bytes: int = 0  # what keeping the attention of every step would take (first step x steps)

@@ -29,8 +29,10 @@ class DDIMInvert(io.ComfyNode):
             search_aliases=["inversion", "ddim inversion", "invert image", "real image editing", "image to noise"],
             description="Deterministic DDIM inversion of an image's latent to the noise it would be sampled from. "
                         "Sample the source and target branches from the LATENT with KSamplerAdvanced (add_noise "
-                        "disable, sampler euler or ddim, the same steps and scheduler); connect the inversion to "
-                        "AttentionStore for exact reconstruction (direct inversion).",
+                        "disable, sampler euler or ddim -- others are refused --, the same steps and scheduler); "
+                        "connect the inversion to AttentionStore for exact reconstruction (direct inversion, "
+                        "correct_target off). To keep what the prompts do not name (a background): FPE, or P2P with "
+                        "P2PLocalBlend (docs/real-images.md).",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL (not one patched by this pack)."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: P2P needs one that describes the image; "
@@ -141,7 +143,10 @@ class NullTextInversion(io.ComfyNode):
             kwargs = {k: c.process_cond(batch_size=x.shape[0], device=device).cond for k, c in conds.items()}
             return dm.apply_model(x, torch.full((x.shape[0],), sigma, device=device), transformer_options=options, **kwargs)
 
+        # one embedding per image: each image's step depends on its own row only, so one batched Adam run
+        # optimises every image as if alone (its loss is the batch mean: the same directions, Adam's scale)
         emb = negative[0][0].to(device)
+        emb = emb.expand(z.shape[0], *emb.shape[1:]) if emb.shape[0] == 1 else emb
         cond_emb = positive[0][0].to(device)
         embeddings, pbar = [], comfy.utils.ProgressBar(n)
         with torch.inference_mode(False), torch.enable_grad():

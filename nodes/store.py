@@ -44,9 +44,11 @@ class AttentionStore(io.ComfyNode):
                                tooltip="Keep self-attention for this first fraction of the steps."),
                 io.Combo.Input("storage", options=["model dtype", "fp16"], default="model dtype",
                                tooltip="fp16 halves the store's memory at a tiny loss of exactness."),
-                io.Boolean.Input("correct_target", default=True,
-                                 tooltip="With an inversion: add the source's per-step corrections to the target "
-                                         "branch too (keeps unedited regions closer to the image)."),
+                io.Boolean.Input("correct_target", default=False,
+                                 tooltip="With an inversion: also add the source's per-step corrections to the target "
+                                         "branch. Off by default: they were computed for the source's own "
+                                         "prediction, and on the target they push what the prompts do not name "
+                                         "(a background) off the image (docs/real-images.md)."),
                 io.Combo.Input("strategy", options=["auto", "keep", "recompute"], default="auto", optional=True,
                                tooltip="keep: store the source's attention (an edit costs about two generations; "
                                        "the store grows with the steps). recompute: store only the source's "
@@ -63,7 +65,8 @@ class AttentionStore(io.ComfyNode):
                 InversionType.Input("inversion", optional=True,
                                              tooltip="A real image's DDIMInvert trajectory: the source branch is "
                                                      "re-anchored to it every step (direct inversion), so it "
-                                                     "reconstructs the image exactly with sampler euler/ddim."),
+                                                     "reconstructs the image exactly. Both branches must use "
+                                                     "sampler euler or ddim (others are refused)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Sample the source branch with this model."),
@@ -75,7 +78,7 @@ class AttentionStore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, source_prompt, cross_attention_until, self_attention_layers,
-                self_attention_until, storage, correct_target=True, inversion=None, strategy="auto",
+                self_attention_until, storage, correct_target=False, inversion=None, strategy="auto",
                 budget_mb=2048, token_map_level="auto") -> io.NodeOutput:
         prompt = prompt_from_clip(clip, source_prompt, "AttentionStore", "source_prompt")
         layers = model_layers(model, "AttentionStore")

@@ -24,6 +24,15 @@ P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self
 TINYSD_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_attention_layers": "p2p_32"}
 FPE_DEFAULTS = {"layers": "fpe", "until": 0.8}  # FPESelfAttnInject's defaults: FPE's official code
 
+# Real images (tools/eval_real.py measures these; docs/real-images.md has the table): DDIMInvert at cfg 1
+# with the source prompt (FPE: an empty one), AttentionStore re-anchored to the inversion (direct
+# inversion) with correct_target OFF, both branches KSamplerAdvanced add_noise disable, euler, normal.
+# The source's per-step corrections were computed for the source's own prediction; added to the target
+# they push what the prompts do not name (the background) off the image.
+REAL_IMAGE = {"inversion": "direct without target correction", "invert_cfg": 1.0, "correct_target": False,
+              "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
+REAL_INVERSIONS = ("ddim", "direct", "direct without target correction", "negative-prompt", "null-text")
+
 
 def checkpoint_loader(ckpt_name: str) -> dict:
     """CheckpointLoaderSimple for a checkpoint in ComfyUI's models/checkpoints."""
