@@ -134,7 +134,7 @@ CHECKPOINT_URLS = {  # properties.models of the loader: the frontend offers the 
 }
 SD15_SETTINGS = {"size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
 SDXL_SETTINGS = {"size": 1024, "steps": 30, "cfg": 6.0, "seed": 42}
-REAL_IMAGE = {
+REAL_IMAGE_EXAMPLE = {
     "image": "example.png",
     "source": "a child's drawing of a girl in a pink dress on a green hill",
     "target": "a child's drawing of a girl in a blue dress on a green hill",

@@ -545,9 +545,9 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> _Graph:
 
 # real images: name -> (edit, sd15 prompts, tinysd prompts); the TinySD image is demo_model/red_circle.png
 DEMO_IMAGE = "attention_edit_red_circle.png"  # its name in ComfyUI's input folder
-_REAL_P2P = dict(graphs.REAL_IMAGE)
+_REAL_P2P = dict(graphs.REAL_IMAGE_EXAMPLE)
 REAL_EXAMPLES = {
-    "real_fpe": ("fpe", {"image": graphs.REAL_IMAGE["image"], "source": "", "target": graphs.REAL_IMAGE_FPE_TARGET},
+    "real_fpe": ("fpe", {"image": graphs.REAL_IMAGE_EXAMPLE["image"], "source": "", "target": graphs.REAL_IMAGE_FPE_TARGET},
                  {"image": DEMO_IMAGE, "source": "", "target": "a blue circle"}),
     "real_p2p_local_blend": ("local_blend", _REAL_P2P,
                              {"image": DEMO_IMAGE, "source": "a red circle", "target": "a blue circle",
