@@ -419,6 +419,8 @@ class Editor(Shared):
 
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        if self.record.inversion is not None:  # first: other samplers also change the sigmas (uni_pc)
+            check_inversion_sampler(sampler, self.node)
         self.check(sigmas, tuple(noise.shape))
         self.check_settings(run_settings(executor, noise, sampler))
         if self.record.recompute and self.record.has_control:
@@ -426,7 +428,6 @@ class Editor(Shared):
                               "recomputes the source (AttentionStore's strategy/budget_mb), which cannot reproduce "
                               "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
-            check_inversion_sampler(sampler, self.node)
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
         self.maps.clear()
         self.occurrences = Occurrences()
