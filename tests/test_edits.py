@@ -81,7 +81,9 @@ def test_local_blend_mask_input(tiny):
     run = lambda mask, combine: tiny.sample(blend(p2p, "circle", "circle", 0.3, 0.0, "", 1, mask, combine).result[0],  # noqa: E731
                                             tgt_pos, seed=6)["samples"]
     torch.testing.assert_close(run(zeros, "mask only"), src["samples"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(run(ones, "mask only"), edit, rtol=0, atol=1e-5)
+    # a ones mask returns src + (denoised - src): the denoised prediction up to one float32 rounding
+    # per step (|latent| ~ 3, ulp 2.4e-7), which 12 steps carry to ~1.6e-5 (measured); 1e-4 bounds it
+    torch.testing.assert_close(run(ones, "mask only"), edit, rtol=0, atol=1e-4)
     for combine in ("mask only", "intersect"):
         out = run(left, combine)
         half = out.shape[-1] // 2
