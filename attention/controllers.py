@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .inversion import Trajectory, anchored_denoised
 from .inject import (AttentionFn, Job, cross_edit_jobs, edited_maps, expand_columns, expand_mapper,
                      key_layout, run_jobs, sdpa, token_maps, words_mask)
+from .joint import joint_layout
 from .layers import AttentionLayer
 from .record import COND, RecordError, SourceRecord, by_evaluation, cumulative_maps
 from .schedule import StepRange, sigma_key, step_index
@@ -198,13 +199,18 @@ class Recorder(Shared):
                 rec.conds[sk] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond))
                 self.last_cond = sk
             rec.has_control |= control is not None
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, joint_layout(transformer_options, x, c_crossattn), **kwargs)
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         out = patch.plain(q, k, v, extra, self.attention)
+        self.record_attention(patch, q, k, extra)
+        return out
+
+    def record_attention(self, patch: LayerPatch, q, k, extra) -> None:
+        """Keeps what the record's spec asks for of one attention call's queries and keys."""
         rec, key = self.record, patch.layer.key
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
-            return out
+            return
         sigma = current_sigma(extra)
         step = self.occurrences.step(sigma, rec.sample_sigmas)
         spec = rec.spec
@@ -223,16 +229,18 @@ class Recorder(Shared):
                     rec.self_qk[(key, sk)] = (rec.keep(q[rows]), rec.keep(k[rows]))
             else:
                 kept = None
+                kept_k = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
                     kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
-                    rec.cross_k.setdefault(key, rec.keep(k[rows]))
+                    kept_k = rec.keep_keys(rec.cross_k, key, sk, k[rows])
                 if key not in rec.layer_hw:
                     rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
                 if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
                     rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(q[rows])
-                    if key not in rec.map_k:
-                        rec.map_k[key] = rec.cross_k[key] if key in rec.cross_k else rec.keep(k[rows])
-        return out
+                    if kept_k is not None:
+                        rec.map_k[(key, sk)] = kept_k
+                    else:
+                        rec.keep_keys(rec.map_k, key, sk, k[rows])
 
     def post_cfg(self, args):
         rec, denoised = self.record, args["denoised"]
@@ -488,6 +496,7 @@ class Editor(Shared):
         live; the target's rows are returned. Other steps run as they are."""
         rec = self.record
         check_whole_latent(x, rec.latent_shape, self.node)
+        transformer_options = joint_layout(transformer_options, x, c_crossattn)
         if not rec.recompute or self.sample_sigmas is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         sigma = float(torch.as_tensor(t).flatten()[0])
@@ -514,7 +523,8 @@ class Editor(Shared):
                 conds[name] = torch.cat([self._source(s, c[rows]) for s, (_, rows) in zip(src, parts)] + [c])
         xs = torch.cat([self._source(source_entry(rec.inputs, k), x[rows]) for k, (_, rows) in zip(keys, parts)] + [x])
         cou_all = [COND] * len(parts) + list(transformer_options["cond_or_uncond"])
-        opts = dict(transformer_options, cond_or_uncond=cou_all, **{LIVE_SOURCE: len(parts)})
+        opts = dict(joint_layout(transformer_options, xs, conds["c_crossattn"]), cond_or_uncond=cou_all,
+                    **{LIVE_SOURCE: len(parts)})
         if "uuids" in opts:
             opts["uuids"] = list(opts["uuids"])[:len(parts)] + list(opts["uuids"])
         per = x.shape[0] // len(transformer_options["cond_or_uncond"])
@@ -534,7 +544,8 @@ class Editor(Shared):
         active = cross is not None and cross.active(step, rec.num_steps)
         jobs, q_s, k_s = None, None, None
         if active:
-            q_s, k_s = live_qk or (source_entry(rec.cross_q, (patch.layer.key, sk)), rec.cross_k.get(patch.layer.key))
+            q_s, k_s = live_qk or (source_entry(rec.cross_q, (patch.layer.key, sk)),
+                                   source_entry(rec.cross_k, (patch.layer.key, sk)))
             if q_s is None or k_s is None:
                 self._missing_live_source(sigma)
                 raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
@@ -555,7 +566,21 @@ class Editor(Shared):
         return jobs
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
-        rec, key, heads = self.record, patch.layer.key, extra["n_heads"]
+        parts = self.plan(patch, q, k, v, extra)
+        if all(jobs is None for jobs, *_ in parts):  # nothing injected here: one call, as unpatched
+            return patch.plain(q, k, v, extra, self.attention)
+        heads = extra["n_heads"]
+        if patch.previous is None:  # every chunk's products in one attention call
+            outs = run_jobs([jobs or [(qc, kc, vc)] for jobs, qc, kc, vc in parts], heads, self.attention)
+        else:  # another pack's patch computes the plain chunks
+            outs = [run_jobs([jobs], heads, self.attention)[0] if jobs else patch.plain(qc, kc, vc, extra, self.attention)
+                    for jobs, qc, kc, vc in parts]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def plan(self, patch: LayerPatch, q, k, v, extra) -> list[tuple[list[Job] | None, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per chunk of the batch: (the attention products that make its edited output, or None
+        where it attends as usual, and its q, k, v)."""
+        rec, key = self.record, patch.layer.key
         sigma = current_sigma(extra)
         step = self.occurrences.step(sigma, rec.sample_sigmas)
         live = int(extra.get(LIVE_SOURCE, 0))  # leading chunks: the source's conditional half, recomputed
@@ -580,14 +605,7 @@ class Editor(Shared):
                 else:
                     jobs = self._cross(patch, sk, sigma, step, qc, kc, vc, live_qk, extra)
             parts.append((jobs, qc, kc, vc))
-        if all(jobs is None for jobs, *_ in parts):  # nothing injected here: one call, as unpatched
-            return patch.plain(q, k, v, extra, self.attention)
-        if patch.previous is None:  # every chunk's products in one attention call
-            outs = run_jobs([jobs or [(qc, kc, vc)] for jobs, qc, kc, vc in parts], heads, self.attention)
-        else:  # another pack's patch computes the plain chunks
-            outs = [run_jobs([jobs], heads, self.attention)[0] if jobs else patch.plain(qc, kc, vc, extra, self.attention)
-                    for jobs, qc, kc, vc in parts]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return parts
 
     # -- local blend ----------------------------------------------------------------------------
     def post_cfg(self, args):

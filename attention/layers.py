@@ -18,6 +18,11 @@ Presets:
 - "p2p_32"     "resolution <= 32²": level >= 1.
 - "none"       no layer.
 - "level N"    the layers at one resolution (level 0 = the full latent; SD1.5 at 512 px: 64²).
+
+Flow transformers (Flux, SD3; dit.py) have no resolutions: every joint-attention layer sees the
+same image tokens (level 0). There the resolution presets (fpe, p2p_16, p2p_32) take every layer,
+"double" / "single" take Flux's double- or single-stream blocks, and "fpe_4_14" keeps its share
+of the depth (on Flux's 57 blocks: 15..49).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class AttentionLayer:
         return f"{self.block} {self.block_id}.{self.transformer_index} (#{self.index}, level {self.level})"
 
 
-PRESETS = ("all", "fpe", "fpe_4_14", "p2p_16", "p2p_32", "none")
+PRESETS = ("all", "fpe", "fpe_4_14", "p2p_16", "p2p_32", "none", "double", "single")
 LEVELS = ("level 0", "level 1", "level 2", "level 3")  # one resolution (0 = the full latent)
 
 
@@ -73,7 +78,19 @@ def unet_attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
     return layers
 
 
+def is_joint(layer: AttentionLayer) -> bool:
+    """A flow transformer's joint-attention layer (Flux double/single block, SD3 joint block)."""
+    return layer.block in ("double", "single", "joint")
+
+
 def select_layers(layers: list[AttentionLayer], preset: str) -> list[AttentionLayer]:
+    joint = bool(layers) and all(is_joint(l) for l in layers)
+    if preset in ("double", "single"):
+        if not joint:
+            raise ValueError(f"the layer preset '{preset}' names a flow transformer's blocks; this model is a UNet")
+        return [l for l in layers if l.block == preset]
+    if joint and preset in ("fpe", "p2p_16", "p2p_32"):  # one resolution: every layer
+        return list(layers)
     if preset == "all":
         return list(layers)
     if preset == "none":

@@ -69,15 +69,16 @@ class SourceRecord:
     result: torch.Tensor | None = None
     map_level: int | None = None  # level of the layers whose token maps are kept (local blend, previews)
     cross_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> (B, N, C)
-    cross_k: dict = field(default_factory=dict)  # layer key -> (B, L, C), L = 77 per conditioning chunk
+    cross_k: dict = field(default_factory=dict)  # (layer key, sigma key) -> (B, L, C); one tensor while the keys stay the same
     self_qk: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond (q, k)
     map_q: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond queries of the map-level layers
-    map_k: dict = field(default_factory=dict)  # layer key -> cond keys of a map-level layer
+    map_k: dict = field(default_factory=dict)  # (layer key, sigma key) -> cond keys of a map-level layer
     layer_hw: dict = field(default_factory=dict)  # layer key -> (heads, (h, w)) of every layer seen
     denoised: dict = field(default_factory=dict)  # sigma key -> (B, C, H, W)
     inversion: Trajectory | None = None  # a real image's trajectory: the source is re-anchored to it
     correct_target: bool = False  # direct inversion: the target gets the source's corrections too (off: see AttentionStore)
     corrections: dict = field(default_factory=dict)  # sigma key -> anchored minus model denoised
+    _last_keys: dict = field(default_factory=dict)  # (table, layer key) -> the keys kept last (keep_keys)
     mode: str = "pending"  # "keep" | "recompute" once the first step has shown what keeping costs
     estimated_bytes: int = 0  # what keeping the attention of every step would take (first step x steps)
     inputs: dict = field(default_factory=dict)  # recompute: (sigma key, cond_or_uncond) -> the model's input rows
@@ -92,6 +93,7 @@ class SourceRecord:
         """A new source run: fresh containers, so that the finished runs in `runs` keep theirs."""
         for name in RUN_DATA:
             setattr(self, name, {})
+        self._last_keys = {}
         self.run_id, self.complete, self.result = uuid.uuid4().hex, False, None
         self.mode = "pending"  # the first step keeps everything; decide() then picks
         self.estimated_bytes, self.has_control = 0, False
@@ -123,6 +125,17 @@ class SourceRecord:
         t = t.detach()
         return t.to(self.spec.storage_dtype) if self.spec.storage_dtype is not None else t.clone()
 
+    def keep_keys(self, table: dict, key, sk: str, k: torch.Tensor) -> torch.Tensor:
+        """Keeps a layer's text keys for this evaluation. A UNet's are the same at every step
+        (the prompt through a fixed projection): the entries then share one tensor. A flow
+        transformer's text stream changes with the step, so its keys are kept per step."""
+        kept = self.keep(k)
+        last = self._last_keys.get((id(table), key))
+        if last is not None and last.shape == kept.shape and torch.equal(last, kept):
+            kept = last
+        self._last_keys[(id(table), key)] = table[(key, sk)] = kept
+        return kept
+
     @property
     def num_steps(self) -> int:
         return len(self.sample_sigmas) - 1
@@ -149,8 +162,10 @@ class SourceRecord:
         self_ = _unique_nbytes([t for (_, sk), pair in self.self_qk.items() if on_first(sk) for t in pair])
         maps = _unique_nbytes([q for (_, sk), q in self.map_q.items() if on_first(sk)])
         active = lambda rng: sum(rng.active(i, n) for i in range(n))  # noqa: E731
+        keys = _unique_nbytes([k for (_, sk), k in self.cross_k.items() if on_first(sk)])
+        per_step = len({id(k) for k in self.cross_k.values()}) > len({key for key, _ in self.cross_k})
         self.estimated_bytes = (cross * active(self.spec.cross_steps) + self_ * active(self.spec.self_steps)
-                                + maps * n + _unique_nbytes(list(self.cross_k.values())))
+                                + maps * n + keys * (active(self.spec.cross_steps) if per_step else 1))
         if self.mode == "pending":
             over = self.estimated_bytes > self.spec.budget_bytes
             self.mode = self.spec.strategy if self.spec.strategy != "auto" else ("recompute" if over else "keep")
@@ -170,7 +185,7 @@ class SourceRecord:
 
     def drop_attention(self) -> None:
         self.compute_maps()  # the token maps made so far stay, the queries and keys go
-        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k):
+        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self._last_keys):
             d.clear()
 
     @property
@@ -190,7 +205,7 @@ class SourceRecord:
     def compute_maps(self) -> None:
         for (key, sk), q in self.map_q.items():
             if (key, sk) not in self._maps:
-                self.map_tokens(key, sk, q, self.map_k[key])
+                self.map_tokens(key, sk, q, self.map_k[(key, sk)])
 
     def cumulative_maps(self, step: int) -> torch.Tensor | None:
         return cumulative_maps(self.maps, self.sample_sigmas, step)
@@ -211,7 +226,7 @@ class SourceRecord:
                 m = self._maps[(key, sk)][:, positions].sum(1, keepdim=True)
             else:
                 heads, hw = self.layer_hw[key]
-                k = self.cross_k.get(key, self.map_k.get(key))
+                k = self.cross_k.get((key, sk), self.map_k.get((key, sk)))
                 m = token_maps(kept[(key, sk)], k, heads, hw, self.prompt.length, self.prompt.map_tokens)[:, positions].sum(1, keepdim=True)
             m = torch.nn.functional.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             total, count = (m if total is None else total + m), count + 1

@@ -2,7 +2,8 @@
 
 Positions come from the very tokenisation that makes the conditioning (ComfyUI's
 `tokenize_with_weights`): chunks of [start, content..., end, padding...], 77 tokens each for
-CLIP, concatenated, so a prompt of k chunks has 77k positions. Weight syntax, nested and escaped
+CLIP, concatenated, so a prompt of k chunks has 77k positions; T5 (Flux, SD3) gives one chunk of
+[content..., end, padding...] with no start token. Weight syntax, nested and escaped
 parentheses and `embedding:` names are ComfyUI's business; this module only reads its output.
 
 A word is a whitespace-separated piece of the prompt, as in P2P's reference code. Its tokens are
@@ -38,7 +39,7 @@ class Prompt:
 
     @property
     def length(self) -> int:
-        """Tokens of the conditioning (77 per chunk)."""
+        """Tokens of the conditioning (CLIP: 77 per chunk)."""
         return len(self.keys)
 
     @property
@@ -107,8 +108,27 @@ def build_prompt(text: str, length: int, keys: Sequence, pieces: Sequence[Piece]
     return Prompt(text, tuple(keys), tuple(words), tuple(starts), tuple(tuple(t) for t in tails))
 
 
+def sentencepiece_texts(chunk: Sequence[tuple], piece: Callable[[int], str | None]) -> list[str | None]:
+    """T5's SentencePiece pieces ('▁red', 'dish', '.') written as CLIP's pre-token strings ('red',
+    'dish</w>', '.</w>'): a piece ends a pre-token before the next '▁' piece, a special token or
+    punctuation, so words and their edge punctuation come out as they do for CLIP."""
+    raw = [piece(t) if w != 0 and isinstance(t, int) else None for t, _, w in chunk]
+    out: list[str | None] = []
+    for i, s in enumerate(raw):
+        if s is None:
+            out.append(None)
+            continue
+        core = s.lstrip("\u2581")
+        nxt = raw[i + 1] if i + 1 < len(raw) else None
+        nxt_core = nxt.lstrip("\u2581") if nxt is not None else ""
+        ends = (nxt is None or nxt.startswith("\u2581") or (core != "" and is_punctuation(core))
+                or (nxt_core != "" and is_punctuation(nxt_core)))
+        out.append(core + ("</w>" if ends else ""))
+    return out
+
+
 def prompt_from_tokens(text: str, chunks: Sequence[Sequence[tuple]], piece_text: Callable[[object], str | None],
-                       plain: str) -> Prompt:
+                       plain: str, sentencepiece: bool = False) -> Prompt:
     """A prompt from ComfyUI's `tokenize_with_weights(text, return_word_ids=True)` output.
 
     chunks: lists of (token, weight, word id); word id 0 marks start/end/padding, equal ids a
@@ -124,15 +144,18 @@ def prompt_from_tokens(text: str, chunks: Sequence[Sequence[tuple]], piece_text:
     cursor, plain = 0, plain.lower()
     current: list[int] = []
     current_text, group, embedding = "", None, 0
-    for c, chunk in enumerate(chunks):
+    for chunk in chunks:
         tail: list[int] = []
+        offset = len(keys)
+        texts = (sentencepiece_texts(chunk, piece_text) if sentencepiece
+                 else [piece_text(t) if isinstance(t, int) else None for t, _, _ in chunk])
         for i, (token, _weight, word_id) in enumerate(chunk):
-            pos = c * CHUNK + i
+            pos = offset + i
             if word_id == 0:
                 keys.append(int(token))
                 (starts.append(pos) if i == 0 else tail.append(pos))
                 continue
-            piece = piece_text(token) if isinstance(token, int) else None
+            piece = texts[i]
             if piece is None:  # an embedding's vector: one word per embedding
                 if group != ("embedding", word_id):
                     name = _embedding_name(plain, cursor)
@@ -160,6 +183,15 @@ def prompt_from_tokens(text: str, chunks: Sequence[Sequence[tuple]], piece_text:
     if current:  # a word cut by the chunk limit without its end mark
         pieces.append(Piece(tuple(current), current_text, group is None))
     return build_prompt(text, len(keys), keys, pieces, starts, tails)
+
+
+def concat_prompts(first: Prompt, second: Prompt) -> Prompt:
+    """One conditioning made of two tokenisations side by side (SD3: CLIP's chunks, then T5's):
+    the second's positions follow the first's, and a word is found in both parts."""
+    shift = lambda ps: tuple(p + first.length for p in ps)  # noqa: E731
+    words = first.words + tuple(Word(w.text, shift(w.positions), shift(w.core)) for w in second.words)
+    return Prompt(first.text, first.keys + second.keys, words, first.starts + shift(second.starts),
+                  first.tails + tuple(shift(t) for t in second.tails))
 
 
 def _embedding_name(plain: str, cursor: int) -> str:

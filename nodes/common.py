@@ -5,9 +5,10 @@ import comfy.ldm.modules.attention
 from comfy import sd1_clip
 
 from ..attention.controllers import BlockPatch, Editor, LayerPatch, Recorder
+from ..attention.dit import BlockName, JointPatch, dit_attention_layers, is_dit
 from ..attention.layers import AttentionLayer, unet_attention_layers
 from ..attention.record import SourceRecord
-from ..attention.tokens import Prompt, PromptError, prompt_from_tokens
+from ..attention.tokens import Prompt, PromptError, concat_prompts, prompt_from_tokens
 
 EDIT_KEY = "attention_edit"  # transformer_options key and wrapper key of this pack
 
@@ -26,19 +27,32 @@ def attention_fn(q, k, v, heads):
 
 def prompt_from_clip(clip, text: str, node: str, input_name: str) -> Prompt:
     """The prompt's words at the positions of the conditioning that ComfyUI makes of it (the same
-    tokenize_with_weights call, so weights, parentheses, embeddings and chunks all agree)."""
+    tokenize_with_weights call, so weights, parentheses, embeddings and chunks all agree).
+
+    Which tokens reach the attention: CLIP-L's for SD1/SDXL (SDXL's G tokens sit at the same
+    positions), T5's for Flux (no CLIP tokens in its context), and for SD3 the CLIP chunks followed
+    by T5's (its context is their concatenation); a word then has positions in both parts."""
     if clip is None:
         raise NodeInputError(node, "clip", "no CLIP given: connect the checkpoint's CLIP output")
     tokens = clip.tokenize(text, return_word_ids=True)
-    name = "l" if "l" in tokens else next(iter(tokens))
-    tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
-    vocab = getattr(tokenizer, "inv_vocab", {})
+    names = ["t5xxl"] if "t5xxl" in tokens and "g" not in tokens else []
+    if "t5xxl" in tokens and "g" in tokens:
+        names = ["l", "t5xxl"]
+    names = names or ["l" if "l" in tokens else next(iter(tokens))]
     plain = " ".join(sd1_clip.unescape_important(segment)
                      for segment, _ in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0))
+    chunks, texts = [], []
+    for name in names:
+        tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
+        vocab = getattr(tokenizer, "inv_vocab", {})
+        chunks.append(tokens[name])
+        texts.append(vocab.get)
     try:
-        return prompt_from_tokens(text, tokens[name], vocab.get, plain)
+        parts = [prompt_from_tokens(text, c, piece, plain, sentencepiece=name == "t5xxl")
+                 for name, c, piece in zip(names, chunks, texts)]
     except PromptError as e:
         raise NodeInputError(node, input_name, str(e)) from None
+    return parts[0] if len(parts) == 1 else concat_prompts(*parts)
 
 
 def encode(clip, text: str):
@@ -46,12 +60,13 @@ def encode(clip, text: str):
 
 
 def model_layers(model, node: str) -> list[AttentionLayer]:
-    unet = getattr(model.model, "diffusion_model", None)
+    net = getattr(model.model, "diffusion_model", None)
     try:
-        return unet_attention_layers(unet)
+        return dit_attention_layers(net) if is_dit(net) else unet_attention_layers(net)
     except TypeError as e:
         raise NodeInputError(node, "model", f"this model's architecture ({type(model.model).__name__}) cannot "
-                             f"be addressed: {e}. The pack supports SD1.x/SD2.x/SDXL-style UNets") from None
+                             f"be addressed: {e}. The pack supports SD1.x/SD2.x/SDXL-style UNets and the "
+                             "Flux and SD3 flow transformers") from None
 
 
 def model_id(model) -> str:
@@ -70,9 +85,44 @@ def _foreign(patch):
 def install(model, controller: Recorder | Editor, patched: dict[str, list[AttentionLayer]]) -> None:
     """Put the controller's patches on `model` (a clone), replacing this pack's earlier ones.
 
-    Per block, under ComfyUI's key (block, id), dispatching on the transformer index: another
+    UNet: per block, under ComfyUI's key (block, id), dispatching on the transformer index: another
     pack's per-block patch is chained (it runs wherever we do not inject), and so is its per-layer
-    patch, ours then going under the same per-layer key (ComfyUI looks those up first)."""
+    patch, ours then going under the same per-layer key (ComfyUI looks those up first).
+    Flow transformer: the attention override (see install_joint)."""
+    if is_dit(model.model.diffusion_model):
+        install_joint(model, controller, patched)
+    else:
+        install_unet(model, controller, patched)
+    for kind, wrapper in (("outer_sample", controller.outer_sample), ("predict_noise", controller.predict_noise),
+                          ("apply_model", controller.apply_model)):
+        model.remove_wrappers_with_key(kind, EDIT_KEY)
+        model.add_wrapper_with_key(kind, EDIT_KEY, wrapper)
+    post = [f for f in model.model_options.get("sampler_post_cfg_function", [])
+            if not isinstance(getattr(f, "__self__", None), (Recorder, Editor))]
+    model.model_options["sampler_post_cfg_function"] = post + [controller.post_cfg]
+    model.model_options.setdefault("transformer_options", {})[EDIT_KEY] = controller
+
+
+def install_joint(model, controller: Recorder | Editor, patched: dict[str, list[AttentionLayer]]) -> None:
+    """One `optimized_attention_override` for all joint layers, chaining another pack's override;
+    on SD3, per-block "dit" patches that name the block (chaining another pack's block patch)."""
+    net = model.model.diffusion_model
+    options = model.model_options.setdefault("transformer_options", {})
+    previous = options.get("optimized_attention_override")
+    previous = previous.previous if isinstance(previous, JointPatch) else previous
+    parts = {kind: {(l.block, l.block_id): LayerPatch(controller, kind, l) for l in layers}
+             for kind, layers in patched.items()}
+    options["optimized_attention_override"] = JointPatch(controller, int(getattr(net, "patch_size", 2)),
+                                                         parts.get("attn2", {}), parts.get("attn1", {}), previous)
+    if hasattr(net, "joint_blocks"):
+        existing = options.get("patches_replace", {}).get("dit", {})
+        for i in range(len(net.joint_blocks)):
+            own = existing.get(("double_block", i))
+            own = own.previous if isinstance(own, BlockName) else own
+            model.set_model_patch_replace(BlockName(i, own), "dit", "double_block", i)
+
+
+def install_unet(model, controller: Recorder | Editor, patched: dict[str, list[AttentionLayer]]) -> None:
     table = model.model_options.get("transformer_options", {}).get("patches_replace", {})
     for kind, layers in patched.items():
         existing = table.get(kind, {})
@@ -90,14 +140,6 @@ def install(model, controller: Recorder | Editor, patched: dict[str, list[Attent
                     per_block[layer.transformer_index] = LayerPatch(controller, kind, layer, previous)
             if per_block:
                 model.set_model_patch_replace(BlockPatch(per_block, previous), kind, *block)
-    for kind, wrapper in (("outer_sample", controller.outer_sample), ("predict_noise", controller.predict_noise),
-                          ("apply_model", controller.apply_model)):
-        model.remove_wrappers_with_key(kind, EDIT_KEY)
-        model.add_wrapper_with_key(kind, EDIT_KEY, wrapper)
-    post = [f for f in model.model_options.get("sampler_post_cfg_function", [])
-            if not isinstance(getattr(f, "__self__", None), (Recorder, Editor))]
-    model.model_options["sampler_post_cfg_function"] = post + [controller.post_cfg]
-    model.model_options.setdefault("transformer_options", {})[EDIT_KEY] = controller
 
 
 def current_controller(model) -> Recorder | Editor | None:

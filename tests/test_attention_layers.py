@@ -110,7 +110,9 @@ def test_presets():
                                                      ("output", 3), ("output", 4), ("output", 5)]
     assert keys(select_layers(layers, "p2p_32")) == [("input", 4), ("input", 5), ("input", 7), ("input", 8),
                                                      ("middle", 0)] + [("output", i) for i in range(3, 9)]
-    assert set(PRESETS) == {"all", "fpe", "fpe_4_14", "p2p_16", "p2p_32", "none"}
+    assert set(PRESETS) == {"all", "fpe", "fpe_4_14", "p2p_16", "p2p_32", "none", "double", "single"}
+    with pytest.raises(ValueError, match="flow transformer"):
+        select_layers(layers, "double")
     assert [l.index for l in select_layers(layers, "level 1")] == [2, 3, 10, 11, 12]
 
 
@@ -166,3 +168,23 @@ def test_attention_layer_is_hashable_and_frozen():
     assert a == AttentionLayer("input", 1, 0, 0, 0) and hash(a) == hash(AttentionLayer("input", 1, 0, 0, 0))
     with pytest.raises(Exception):
         a.level = 3  # type: ignore[misc]
+
+
+def test_flow_transformer_presets():
+    """Flux's 19 double + 38 single blocks: one resolution, so the resolution presets take every
+    block; double/single pick a stream; fpe_4_14 keeps its share of the depth."""
+    from attention.dit import dit_attention_layers
+
+    class Flux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.double_blocks = nn.ModuleList(nn.Identity() for _ in range(19))
+            self.single_blocks = nn.ModuleList(nn.Identity() for _ in range(38))
+
+    layers = dit_attention_layers(Flux())
+    assert [l.index for l in layers] == list(range(57)) and {l.level for l in layers} == {0}
+    for preset in ("all", "fpe", "p2p_16", "p2p_32"):
+        assert select_layers(layers, preset) == layers
+    assert [l.block_id for l in select_layers(layers, "double")] == list(range(19))
+    assert [l.block_id for l in select_layers(layers, "single")] == list(range(38))
+    assert [l.index for l in select_layers(layers, "fpe_4_14")] == list(range(15, 50))  # ceil(4*57/16)..floor(14*57/16)

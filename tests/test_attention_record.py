@@ -91,7 +91,7 @@ def first_step(r: SourceRecord) -> None:
     """What a first step leaves: one cross query (1 KiB), the keys (0.5 KiB), the cond half's input."""
     key, sk = ("input", 1, 0), "10#0"
     r.cross_q[(key, sk)] = torch.zeros(256)
-    r.cross_k[key] = torch.zeros(128)
+    r.cross_k[(key, sk)] = torch.zeros(128)
     r.inputs[sk] = torch.zeros(16)  # keyed by the sigma key: only the cond half is kept
 
 

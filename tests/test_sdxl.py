@@ -90,8 +90,10 @@ def test_sdxl_recorded_maps_have_the_shapes_of_their_levels(sdxl, comfy_nodes):
         assert q.shape[:2] == k.shape[:2] == (2, positions), key
     heads, hw = store.layer_hw[("middle", 0, 9)]
     assert hw == (4, 4) and heads == 4  # 256 channels / 64 per head
-    for (key, _), q in store.cross_q.items():
-        assert store.cross_k[key].shape[:2] == (2, 77)
+    for key_sk, q in store.cross_q.items():
+        assert store.cross_k[key_sk].shape[:2] == (2, 77)
+    # a UNet's text keys are the same at every step: one tensor per layer, shared by the steps
+    assert len({id(k) for k in store.cross_k.values()}) == len({key for key, _ in store.cross_k})
 
 
 def test_sdxl_injecting_own_attention_reproduces_the_plain_sample(sdxl, comfy_nodes):

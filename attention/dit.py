@@ -1,0 +1,127 @@
+"""The flow-transformer adapter: Flux's and SD3's joint attention, addressed and patched.
+
+A layer is one block's joint attention, `AttentionLayer(block, i, 0, index, level 0)` with block
+"double" / "single" (Flux) or "joint" (SD3's MM-DiT); every layer sees the same image tokens.
+Each layer is edited as two parts (see joint.py): its image->text part as the UNet's
+cross-attention ("attn2") and its image->image part as its self-attention ("attn1"), so the
+Recorder and the Editor serve both architectures unchanged.
+
+ComfyUI calls `transformer_options["optimized_attention_override"](func, q, k, v, heads, ...)`
+from every attention function. Flux names the running block in transformer_options (block_type,
+block_index); SD3 does not, so a per-block "dit" replace patch (`BlockName`) names it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .controllers import LayerPatch, Recorder, Shared, chunks
+from .inject import run_jobs
+from .joint import JOINT_LAYOUT, attention_with_text_mass, combine, join_heads
+from .layers import AttentionLayer
+
+DIT_BLOCKS = ("double", "single", "joint")
+
+
+def is_dit(model: torch.nn.Module) -> bool:
+    return hasattr(model, "double_blocks") or hasattr(model, "joint_blocks")
+
+
+def dit_attention_layers(model: torch.nn.Module) -> list[AttentionLayer]:
+    """Flux's double then single blocks, or SD3's joint blocks, in forward order."""
+    if hasattr(model, "double_blocks"):
+        if any(getattr(b, "flipped_img_txt", False) for b in model.double_blocks):
+            raise TypeError("its double blocks put the image tokens before the text (flipped_img_txt)")
+        names = [("double", i) for i in range(len(model.double_blocks))]
+        names += [("single", i) for i in range(len(getattr(model, "single_blocks", [])))]
+    elif hasattr(model, "joint_blocks"):
+        names = [("joint", i) for i in range(len(model.joint_blocks))]
+    else:
+        raise TypeError(f"{type(model).__name__} has neither Flux's double/single blocks nor SD3's joint blocks")
+    return [AttentionLayer(block, i, 0, n, 0) for n, (block, i) in enumerate(names)]
+
+
+def image_tokens(latent_shape: tuple[int, ...], patch_size: int) -> int:
+    """Tokens of the latent's patch grid (Flux and SD3 pad the latent to whole patches)."""
+    h, w = latent_shape[-2:]
+    return -(-h // patch_size) * -(-w // patch_size)
+
+
+@dataclass
+class BlockName(Shared):
+    """SD3's per-block "dit" replace patch: names the block in transformer_options, then runs
+    the block (or another pack's replace patch of it) unchanged."""
+    index: int
+    previous: object = None
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        opts = args.get("transformer_options")
+        if opts is not None:
+            opts["block_type"], opts["block_index"] = "joint", self.index
+        return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+
+
+@dataclass
+class JointPatch(Shared):
+    """ComfyUI's attention override for a flow transformer: edits the joint attention of the
+    patched layers, and runs every other attention call (text-only, SD3.5's image-only second
+    attention, masked calls) as `previous` (another pack's override) or ComfyUI would."""
+    controller: object
+    patch_size: int
+    cross: dict[tuple[str, int], LayerPatch] = field(default_factory=dict)  # image->text parts
+    own: dict[tuple[str, int], LayerPatch] = field(default_factory=dict)  # image->image parts
+    previous: object = None
+
+    def plain(self, func, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        opts = kwargs.get("transformer_options") or {}
+        where = (opts.get("block_type"), opts.get("block_index"))
+        cross, own = self.cross.get(where), self.own.get(where)
+        layout = opts.get(JOINT_LAYOUT)
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        skip = bool(kwargs.get("skip_reshape", False))
+        length = q.shape[2] if skip else q.shape[1]
+        if (cross is None and own is None) or layout is None or kwargs.get("mask") is not None:
+            return self.plain(func, *args, **kwargs)
+        latent_shape, text = layout
+        if length < text + image_tokens(latent_shape, self.patch_size):  # not the joint call
+            return self.plain(func, *args, **kwargs)
+        if skip:  # Flux: (B, heads, L, D)
+            q, k, v = join_heads(q), join_heads(k), join_heads(v)
+        else:  # SD3: (B, L, heads * D), its values still (B, L, heads, D)
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
+        extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
+        ctl = self.controller
+        qi, parts = q[:, text:], []
+        if cross is not None:
+            parts.append((cross, qi, k[:, :text], v[:, :text]))
+        if own is not None:
+            parts.append((own, qi, k[:, text:], v[:, text:]))
+        if isinstance(ctl, Recorder):
+            for p, qi, kp, _ in parts:
+                ctl.record_attention(p, qi, kp, extra)
+            return self.plain(func, *args, **kwargs)
+        plans = {p.kind: ctl.plan(p, qi, kp, vp, extra) for p, qi, kp, vp in parts}
+        if all(jobs is None for plan in plans.values() for jobs, *_ in plan):
+            return self.plain(func, *args, **kwargs)
+        out, mass = attention_with_text_mass(q, k, v, heads, text)
+        out = out.clone()
+        for c, (_, rows) in enumerate(chunks(extra, q.shape[0])):
+            cross_jobs = plans["attn2"][c][0] if "attn2" in plans else None
+            self_jobs = plans["attn1"][c][0] if "attn1" in plans else None
+            if cross_jobs is None and self_jobs is None:
+                continue
+            qi, kt, vt = q[rows, text:], k[rows, :text], v[rows, :text]
+            plain_x = ctl.attention(qi, kt, vt, heads)
+            x = run_jobs([cross_jobs], heads, ctl.attention)[0] if cross_jobs else None
+            y = run_jobs([self_jobs], heads, ctl.attention)[0] if self_jobs else None
+            out[rows, text:] = combine(out[rows, text:], mass[rows, text:], x, plain_x, y)
+        if kwargs.get("skip_output_reshape", False):
+            return out.reshape(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
+        return out

@@ -1,0 +1,107 @@
+"""Flow transformers: Flux.1- and SD3.5-Medium-layout models (ComfyUI's Flux and SD3 model
+configs at their real depth, random weights, reduced width; see tools/random_models.py) with
+ComfyUI's own Flux/SD3 tokenizers. The pack's nodes address every joint-attention block, record
+the image->text and image->image parts of each, and injecting a sample's own attention into
+itself reproduces the plain sample, with euler and with a second-order sampler."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module", params=["flux_small", "sd35_small"])
+def dit(request, comfy_nodes):
+    import random_models
+    return (request.param, *random_models.build(request.param))
+
+
+def sample(model, positive, negative, sampler="euler", cfg=3.0, seed=5, batch=1):
+    import nodes
+    latent = {"samples": torch.zeros(batch, 16, 16, 16)}  # 128 px: 8x8 image tokens
+    return nodes.common_ksampler(model, seed, STEPS, cfg, sampler, "normal", positive, negative, latent)[0]["samples"]
+
+
+def encode(clip, text):
+    import nodes
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def test_blocks_are_addressed_in_forward_order(dit, comfy_nodes):
+    kind, model, clip = dit
+    _, _, store = comfy_nodes["AttentionStore"].execute(model, clip, "a cat", 1.0, "all", 1.0, "model dtype").result
+    layers = sorted(store.layers.values(), key=lambda l: l.index)
+    if kind == "flux_small":  # Flux.1: 19 double-stream then 38 single-stream blocks
+        assert [(l.block, l.block_id) for l in layers] == [("double", i) for i in range(19)] + [("single", i) for i in range(38)]
+        for preset, blocks in (("double", {"double"}), ("single", {"single"})):
+            _, _, s = comfy_nodes["AttentionStore"].execute(model, clip, "a cat", 1.0, preset, 1.0, "model dtype").result
+            assert {store.layers[k].block for k in s.spec.self_layers} == blocks
+    else:  # SD3.5 Medium: 24 joint blocks
+        assert [(l.block, l.block_id) for l in layers] == [("joint", i) for i in range(24)]
+
+
+def test_recorded_parts_have_the_token_counts_of_text_and_image(dit, comfy_nodes):
+    kind, model, clip = dit
+    m, pos, store = comfy_nodes["AttentionStore"].execute(model, clip, "a red cat.", 1.0, "all", 1.0, "model dtype").result
+    sample(m, pos, encode(clip, ""))
+    assert store.complete
+    text = pos[0][0].shape[1]  # Flux: T5's 256 tokens; SD3 without T5: CLIP's 77
+    n_blocks = len(store.layers)
+    assert len({key for key, _ in store.self_qk}) == n_blocks and len({key for key, _ in store.cross_k}) == n_blocks
+    # the text stream changes with the step: its keys are kept per step
+    assert len({id(k) for k in store.cross_k.values()}) == n_blocks * STEPS
+    for (key, _), (q, k) in store.self_qk.items():
+        assert q.shape[1] == k.shape[1] == 64, key  # 8x8 image tokens (16x16 latent, patch 2)
+    for key, k in store.cross_k.items():
+        assert k.shape[1] == text, key
+    assert all(hw == (8, 8) for _, hw in store.layer_hw.values())
+    # the word's positions are those of the tokens in the context
+    cat = store.prompt.positions("cat")
+    tokens = clip.tokenize("a red cat.")
+    if kind == "flux_small":
+        ids = [t for t, _ in tokens["t5xxl"][0]]
+        assert [store.prompt.keys[p] for p in cat] == [ids[p] for p in cat] and len(ids) == text
+    else:  # SD3's context is CLIP's 77 tokens, then T5's: the word is found in both parts
+        ids = [t for t, _ in tokens["l"][0]] + [t for t, _ in tokens["t5xxl"][0]]
+        assert cat == [3, 77 + 3] and [store.prompt.keys[p] for p in cat] == [ids[3], ids[80]]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_injecting_own_attention_reproduces_the_plain_sample(dit, comfy_nodes, sampler):
+    """Replace with target = source, and FPE on every block, each for all steps: the joint attention
+    rebuilt from its parts equals the plain one to float rounding."""
+    kind, model, clip = dit
+    prompt = "a cat riding a bicycle"
+    neg = encode(clip, "")
+    m, pos, store = comfy_nodes["AttentionStore"].execute(model, clip, prompt, 1.0, "all", 1.0, "model dtype").result
+    plain = sample(model, pos, neg, sampler)
+    src = sample(m, pos, neg, sampler)
+    assert torch.equal(src, plain)  # recording changes nothing
+    edited_model, tgt_pos = comfy_nodes["P2PReplace"].execute(model, clip, store, {"samples": src}, prompt, 1.0, "", 1.0,
+                                                              "all").result
+    edited = sample(edited_model, tgt_pos, neg, sampler)
+    fpe = comfy_nodes["FPESelfAttnInject"].execute(model, store, {"samples": src}, "all", 1.0).result[0]
+    injected = sample(fpe, pos, neg, sampler)
+    # float32 rounding through 57 blocks: the parts recombined differ from the one joint softmax in
+    # the last bits (measured: 2e-5 at a sample scale of 28); 1e-4 of the scale leaves room for other CPUs
+    scale = float(plain.abs().max())
+    tol = 1e-4 * scale
+    for out in (edited, injected):
+        torch.testing.assert_close(out, plain, rtol=1e-4, atol=tol)
+    # not vacuous: another prompt moves the sample far more than the tolerance, and the edit to it
+    # is neither that prompt's plain sample nor the source
+    other_prompt = "a dog riding a bicycle"
+    other = sample(model, encode(clip, other_prompt), neg, sampler)
+    assert (other - plain).abs().max() > 100 * tol
+    swap_model, swap_pos = comfy_nodes["P2PReplace"].execute(model, clip, store, {"samples": src}, other_prompt, 1.0, "",
+                                                             1.0, "all").result
+    swapped = sample(swap_model, swap_pos, neg, sampler)
+    # (random weights: the pooled text vector's modulation moves a sample more than its attention does)
+    assert (swapped - other).abs().max() > 20 * tol and (swapped - plain).abs().max() > 20 * tol
