@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -57,6 +58,10 @@ class DDIMInvert(io.ComfyNode):
         if current_controller(model) is not None:
             raise NodeInputError("DDIMInvert", "model", "this model carries an attention-edit patch: connect the "
                                  "checkpoint's MODEL (before AttentionStore or an edit node)")
+        if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
+            raise NodeInputError("DDIMInvert", "model", f"{type(model.model).__name__} is a flow-matching model "
+                                 "(Flux, SD3): inverting real images is supported on SD1.x/SDXL-style models only. "
+                                 "Flux and SD3 edit generated images (AttentionStore and the edit nodes)")
         sigmas = schedule(model, scheduler, steps)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         trail: dict[str, torch.Tensor] = {}

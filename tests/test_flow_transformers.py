@@ -105,3 +105,32 @@ def test_injecting_own_attention_reproduces_the_plain_sample(dit, comfy_nodes, s
     swapped = sample(swap_model, swap_pos, neg, sampler)
     # (random weights: the pooled text vector's modulation moves a sample more than its attention does)
     assert (swapped - other).abs().max() > 20 * tol and (swapped - plain).abs().max() > 20 * tol
+
+
+def test_real_images_are_refused_with_a_clear_message(dit, comfy_nodes):
+    """DDIMInvert walks eps-prediction sampling backwards; flow models are refused by name."""
+    kind, model, clip = dit
+    pos = encode(clip, "a cat")
+    with pytest.raises(ValueError, match="DDIMInvert: input 'model': .*flow-matching model"):
+        comfy_nodes["DDIMInvert"].execute(model, pos, pos, {"samples": torch.zeros(1, 16, 16, 16)}, 3, "normal", 1.0)
+
+
+def test_local_blend_and_map_preview_on_joint_attention(dit, comfy_nodes):
+    """Local blend reads the joint layers' image->text maps: with a MASK alone ('mask only') the
+    edit changes the masked half and leaves the other half the source's; the preview draws the
+    word's image->text map at the image-token grid."""
+    kind, model, clip = dit
+    neg = encode(clip, "")
+    m, pos, store = comfy_nodes["AttentionStore"].execute(model, clip, "a red cat", 1.0, "all", 1.0, "model dtype").result
+    src = sample(m, pos, neg)
+    em, tpos = comfy_nodes["P2PReplace"].execute(model, clip, store, {"samples": src}, "a blue cat", 0.5, "", 0.0,
+                                                 "none").result
+    region = torch.zeros(1, 128, 128)
+    region[:, :, 64:] = 1.0  # the right half may change
+    bm = comfy_nodes["P2PLocalBlend"].execute(em, "red", "blue", 0.3, 0.0, "", 1, region, "mask only").result[0]
+    out = sample(bm, tpos, neg)
+    left, right = (out - src)[..., :8], (out - src)[..., 8:]
+    assert left.abs().max() < 1e-5 * float(src.abs().max()) < right.abs().max()
+    image = torch.rand(1, 128, 128, 3)
+    heat = comfy_nodes["AttentionMapPreview"].execute(store, {"samples": src}, image, "cat", "all", 0.0, 1.0, 0.0).result[0]
+    assert heat.shape[1:3] == (128, 128) and float(heat.std()) > 0

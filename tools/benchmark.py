@@ -15,6 +15,7 @@ and the process's peak RSS.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py                         # TinySD, 128 px, 20 steps
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model sd15 --size 512 --steps 3
+    OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model flux_small --size 256 --steps 10 --skip-real
 """
 from __future__ import annotations
 
@@ -62,21 +63,23 @@ def timed(fn):
 
 
 def attention_heads(model) -> int:
-    return next(m.heads for m in model.model.diffusion_model.modules() if hasattr(m, "heads"))
+    return next(getattr(m, "heads", None) or m.num_heads for m in model.model.diffusion_model.modules()
+                if hasattr(m, "heads") or hasattr(m, "num_heads"))
 
 
 def map_bytes(store, heads: int, element_size: int = 4) -> int:
     """Bytes that every probability map of the recorded layers and steps would take (fp32):
     self-attention B x heads x N x N per kept (layer, step, cond/uncond), cross-attention
-    B x heads x N x 77 per kept (layer, step)."""
+    B x heads x N x L per kept (layer, step), L the text tokens (77 per CLIP chunk, Flux: T5's)."""
     total = sum(q.shape[0] * heads * q.shape[1] ** 2 for q, _ in store.self_qk.values())
-    total += sum(q.shape[0] * heads * q.shape[1] * 77 for q in store.cross_q.values())
+    total += sum(q.shape[0] * heads * q.shape[1] * store.cross_k[key].shape[1] for key, q in store.cross_q.items())
     return total * element_size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tinysd", "sd15"], default="tinysd")
+    ap.add_argument("--model", choices=["tinysd", "sd15", "flux_small", "sd35_small"], default="tinysd",
+                    help="flux_small / sd35_small: Flux.1's and SD3.5 Medium's layouts at reduced width (random weights)")
     ap.add_argument("--size", type=int, default=None, help="image size in px (TinySD 128; sd15 e.g. 256, 512)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)

@@ -53,8 +53,10 @@ class Tiny:
         return nodes.CLIPTextEncode().encode(self.clip, text)[0]
 
     def latent(self, batch: int = 1) -> dict:
-        import nodes
-        return nodes.EmptyLatentImage().generate(self.size, self.size, batch)[0]
+        """An empty latent with the model's channels (4 for SD, 16 for Flux and SD3)."""
+        import torch
+        channels = self.model.model.latent_format.latent_channels
+        return {"samples": torch.zeros(batch, channels, self.size // 8, self.size // 8)}
 
     def sample(self, model, positive, seed: int, batch: int = 1, negative=None, **kw) -> dict:
         import nodes
