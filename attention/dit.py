@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .controllers import LayerPatch, Recorder, Shared, chunks
+from .record import RecordError
 from .inject import run_jobs
 from .joint import JOINT_LAYOUT, attention_with_text_mass, combine, join_heads
 from .layers import AttentionLayer
@@ -87,8 +88,12 @@ class JointPatch(Shared):
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         skip = bool(kwargs.get("skip_reshape", False))
         length = q.shape[2] if skip else q.shape[1]
-        if (cross is None and own is None) or layout is None or kwargs.get("mask") is not None:
+        if (cross is None and own is None) or layout is None:
             return self.plain(func, *args, **kwargs)
+        if kwargs.get("mask") is not None:  # e.g. Chroma's T5 padding mask: the parts would need it too
+            raise RecordError(f"{getattr(self.controller, 'node', 'AttentionStore')}: this model masks its "
+                              "joint attention (an attention mask, as Chroma's), which the pack cannot edit: use a "
+                              "Flux.1 or SD3 model")
         latent_shape, text = layout
         if length < text + image_tokens(latent_shape, self.patch_size):  # not the joint call
             return self.plain(func, *args, **kwargs)

@@ -9,7 +9,7 @@ exactly as dropping the file on the canvas does. Then, in the page: no node type
 (has_errors; the only one allowed is the newer frontends' "model file missing" flag on a checkpoint
 loader whose file the test server lacks and whose download the workflow names in properties.models),
 no dialog (but that "Missing Models" one) or console error appeared, every widget holds the file's
-value, every combo value is one the server offers (the absent SD1.5/SDXL checkpoints excepted: the
+value, every combo value is one the server offers (the absent SD1.5/SDXL/Flux/SD3.5 checkpoints excepted: the
 frontend must keep that value), and the nodes and links are the file's, each link attached to the
 slots it names. One browser per frontend.
 
@@ -41,9 +41,10 @@ WORKFLOWS = sorted(REPO.glob("workflows/*.json")) + sorted(REPO.glob("workflows/
 SCREENSHOT_WORKFLOW = REPO / "workflows" / "demo" / "p2p_replace_tinysd.json"
 SCREENSHOT = REPO / "out" / "frontend_workflow.png"
 SCREENSHOTS = REPO / "out" / "screenshots"  # every top-level workflow, fitted to view in the newest frontend
-# Combo values that may be absent from the server's options: the SD1.5 checkpoint is not shipped.
-ABSENT_OK = {("CheckpointLoaderSimple", "ckpt_name", "v1-5-pruned-emaonly.safetensors"),
-             ("CheckpointLoaderSimple", "ckpt_name", "sd_xl_base_1.0.safetensors")}
+# Combo values that may be absent from the server's options: the real checkpoints are not shipped.
+ABSENT_OK = {("CheckpointLoaderSimple", "ckpt_name", name) for name in (
+    "v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors", "flux1-dev-fp8.safetensors",
+    "sd3.5_large_fp8_scaled.safetensors")}
 NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package on PyPI; tools/setup.sh installs it too
 
 pytestmark = pytest.mark.skipif(find_chromium() is None,

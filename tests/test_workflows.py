@@ -19,6 +19,7 @@ API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 # Combos listing the user's model files: the value names a file the user supplies.
 FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): (".safetensors", ".ckpt"), ("LoadImage", "image"): (".png",)}
 SD15_CHECKPOINT, SDXL_CHECKPOINT = "v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"
+FLOW_CHECKPOINTS = ("flux1-dev-fp8.safetensors", "sd3.5_large_fp8_scaled.safetensors")
 
 
 def rel(path: pathlib.Path) -> str:
@@ -38,7 +39,7 @@ def test_the_expected_workflows_are_there():
     expected = set(mw.example_graphs())
     assert {rel(p) for p in UI_FILES} >= expected
     assert {rel(p) for p in API_FILES} >= {mw.api_path(r) for r in expected}
-    assert len(expected) == 17
+    assert len(expected) == 21
     top = {rel(p) for p in UI_FILES if p.parent == WORKFLOWS}
     assert top == {f"{t}.json" for t in mw.TITLES.values()}, "top-level workflows are titled (the templates browser shows the name)"
     for name in top:  # the templates browser shows <name>.jpg beside each one
@@ -222,13 +223,15 @@ def input_dir(tmp_path, comfy_nodes):
 
 @pytest.fixture
 def sd15_checkpoint_name(tmp_path, comfy_nodes):
-    """Placeholder files named like the SD1.5 and SDXL checkpoints, so validation sees them in the list."""
+    """Placeholder files named like the SD1.5, SDXL, Flux and SD3.5 checkpoints, so validation sees them in the list."""
     import folder_paths
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / SD15_CHECKPOINT).write_bytes(b"")
     (folder / SDXL_CHECKPOINT).write_bytes(b"")
+    for name in FLOW_CHECKPOINTS:
+        (folder / name).write_bytes(b"")
     folder_paths.add_model_folder_path("checkpoints", str(folder))
     try:
         yield SD15_CHECKPOINT

@@ -126,14 +126,21 @@ def edit_graph(edit: str, source_prompt: str, target_prompt: str, seed: int, *, 
 # on a hill under a blue sky): their prompts describe that image, so they run as they are in any ComfyUI.
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"  # Comfy-Org's all-in-one Flux.1-dev (model, CLIP-L + T5-XXL, VAE)
+SD35_CHECKPOINT = "sd3.5_large_fp8_scaled.safetensors"  # Comfy-Org's SD3.5 Large with its three text encoders
 CHECKPOINT_URLS = {  # properties.models of the loader: the frontend offers the download when the file is absent
     SD15_CHECKPOINT: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                      "v1-5-pruned-emaonly.safetensors",
     SDXL_CHECKPOINT: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
                      "sd_xl_base_1.0.safetensors",
+    FLUX_CHECKPOINT: "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors",
+    SD35_CHECKPOINT: "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+                     "sd3.5_large_fp8_scaled.safetensors",
 }
 SD15_SETTINGS = {"size": 512, "steps": 50, "cfg": 7.5, "seed": 42}
 SDXL_SETTINGS = {"size": 1024, "steps": 30, "cfg": 6.0, "seed": 42}
+FLUX_SETTINGS = {"size": 1024, "steps": 20, "cfg": 1.0, "seed": 42}  # guidance-distilled: cfg 1, Flux guidance 3.5 (its default)
+SD35_SETTINGS = {"size": 1024, "steps": 28, "cfg": 4.5, "seed": 42}
 REAL_IMAGE_EXAMPLE = {
     "image": "example.png",
     "source": "a child's drawing of a girl in a pink dress on a green hill",

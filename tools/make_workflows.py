@@ -374,6 +374,10 @@ SD15 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name
         "name": "SD1.5", **graphs.SD15_SETTINGS}
 SDXL = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": graphs.SDXL_CHECKPOINT}},
         "name": "SDXL", **graphs.SDXL_SETTINGS}
+FLUX = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": graphs.FLUX_CHECKPOINT}},
+        "name": "Flux.1-dev", **graphs.FLUX_SETTINGS}
+SD35 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": graphs.SD35_CHECKPOINT}},
+        "name": "SD3.5", **graphs.SD35_SETTINGS}
 TINYSD = {"loader": {"class_type": "TinySDCheckpointLoader", "inputs": {}}, "name": "TinySD",
           "size": 128, "steps": 20, "cfg": 5.0, "seed": 42,
           # TinySD's colour words localise at 8x8 (level 1), not at P2P's 16x16; its shape nouns do not.
@@ -401,6 +405,12 @@ SDXL_EXAMPLES = {  # name -> (edit, prompts): SDXL versions of the generated-ima
     "p2p_replace": ("replace", {"source": "a photo of a cat riding a bicycle", "target": "a photo of a cat riding a car"}),
     "fpe": ("fpe", {"source": "a photo of a cat riding a bicycle", "target": "a photo of a dog riding a bicycle"}),
 }
+FLOW_EXAMPLES = {  # name -> (edit, prompts): the flow transformers' versions of the generated-image edits
+    "p2p_replace": ("replace", {"source": "a photo of a cat riding a bicycle in a park",
+                                "target": "a photo of a cat riding a motorcycle in a park"}),
+    "fpe": ("fpe", {"source": "a photo of a cat riding a bicycle in a park",
+                    "target": "a photo of a fox riding a bicycle in a park"}),
+}
 
 # Titles of the top-level workflows: ComfyUI's templates browser shows the file name as the title.
 TITLES = {
@@ -414,6 +424,10 @@ TITLES = {
     "p2p_replace_sdxl": "Prompt-to-Prompt word swap (SDXL)",
     "fpe_sdxl": "Free-Prompt-Editing (SDXL)",
     "real_p2p_null_text_sdxl": "Edit a real image - Prompt-to-Prompt with null-text inversion (SDXL)",
+    "p2p_replace_flux": "Prompt-to-Prompt word swap (Flux.1-dev)",
+    "fpe_flux": "Free-Prompt-Editing (Flux.1-dev)",
+    "p2p_replace_sd35": "Prompt-to-Prompt word swap (SD3.5)",
+    "fpe_sd35": "Free-Prompt-Editing (SD3.5)",
 }
 # The demo output (tools/demo.py, out/demo/<name>_{source,edited}.png) each top-level workflow's thumbnail shows.
 THUMBNAIL_DEMO = {"p2p_replace": "replace_color", "p2p_refine": "refine_background", "p2p_reweight": "reweight",
@@ -469,8 +483,12 @@ def _model_hint(model: dict) -> str:
     ckpt = model["loader"]["inputs"].get("ckpt_name")
     if ckpt is None:
         return "The demo model (TinySD) ships with the pack's repository; nothing to download."
-    return (f"**Checkpoint:** any {model['name']} checkpoint (`{ckpt}` is the one this example names; "
+    hint = (f"**Checkpoint:** any {model['name']} checkpoint (`{ckpt}` is the one this example names; "
             f"the frontend offers its download).")
+    if model["name"] == "Flux.1-dev":
+        hint += (" Flux.1-dev's guidance is distilled: cfg stays 1 (its guidance, 3.5 by default, can be set with "
+                 "FluxGuidance on both positive prompts); the negative prompt is then unused.")
+    return hint
 
 
 SAME_SETTINGS = ("**Both branches must sample alike:** the seed, steps and cfg come from the three nodes on "
@@ -651,6 +669,9 @@ def examples() -> dict[str, _Graph]:
         out[f"{ui_name(name + '_sdxl')}.json"] = edit_graph(edit, prompts, SDXL)
     for name, (edit, prompts) in SDXL_REAL_EXAMPLES.items():
         out[f"{ui_name(name + '_sdxl')}.json"] = real_graph(edit, prompts, SDXL)
+    for name, (edit, prompts) in FLOW_EXAMPLES.items():
+        out[f"{ui_name(name + '_flux')}.json"] = edit_graph(edit, prompts, FLUX)
+        out[f"{ui_name(name + '_sd35')}.json"] = edit_graph(edit, prompts, SD35)
     return out
 
 
