@@ -173,3 +173,19 @@ def test_prompt_from_tokens_words_follow_whitespace_of_the_plain_text():
     p = prompt_from_tokens(text, [chunk([(1, 1), (10, 2), (40, 2), (12, 2)])], PIECES.get, text)
     assert [w.positions for w in p.words] == [(1,), (2, 3, 4)]
     assert p.words[1].core == (2, 3, 4)  # the ',' is inside the word, not at its edge
+
+
+def test_t5_sentencepiece_words_and_edge_punctuation():
+    """T5's pieces as ComfyUI's T5 tokenizer gives "a (red:1.2) ice-cream circle." (no start token,
+    '</s>' then padding): '▁' starts a word, a lone '▁' joins the next piece, punctuation is a
+    piece of its own, so "ice-cream" is one word and "circle." has the '.' at its edge."""
+    vocab = {3: "\u2581", 9: "a", 1131: "\u2581red", 867: "ice", 18: "-", 11763: "cream", 8196: "\u2581circle",
+             5: ".", 1: "</s>", 0: "<pad>"}
+    ids = [(3, 1), (9, 1), (1131, 2), (3, 3), (867, 3), (18, 3), (11763, 3), (8196, 3), (5, 3)]
+    chunk = [(t, 1.0, w) for t, w in ids] + [(1, 1.0, 0)] + [(0, 1.0, 0)] * 4
+    p = prompt_from_tokens("a (red:1.2) ice-cream circle.", [chunk], vocab.get, "a red ice-cream circle.",
+                           sentencepiece=True)
+    assert [w.text for w in p.words] == ["a", "red", "ice-cream", "circle"]
+    assert p.positions("a") == [0, 1] and p.positions("red") == [2] and p.positions("ice-cream") == [3, 4, 5, 6]
+    assert p.positions("circle") == [7] and p.words[-1].positions == (7, 8)  # the '.' is at its edge
+    assert p.starts == () and p.tails == ((9, 10, 11, 12, 13),) and p.length == 14

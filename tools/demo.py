@@ -1,4 +1,4 @@
-"""Demo: every edit of the pack on the real ComfyUI server, with the TinySD demo model.
+"""Demo: every edit of the pack on the real ComfyUI server, with the TinySD and TinyFlux demo models.
 
     bash tools/setup.sh && OMP_NUM_THREADS=1 .venv/bin/python tools/demo.py
 
@@ -7,8 +7,10 @@ source branch with AttentionStore, target branch with the edit node, same seed),
 out/demo/<edit>_source.png, out/demo/<edit>_edited.png and out/demo/demo_grid.png (source row
 above edited row, x2 nearest-neighbour). The real-image edits run the committed workflows
 workflows/api/real_*_tinysd.json on demo_model/red_circle.png (a rendered image, not a sample): the
-source row is then the reconstruction of that image by inversion. `--ckpt NAME --size 512` runs the same graphs with
-CheckpointLoaderSimple on a checkpoint of that ComfyUI's models/checkpoints instead.
+source row is then the reconstruction of that image by inversion. The same edits on TinyFlux (Flux's
+architecture) write out/demo/flux_<edit>_{source,edited}.png and out/demo/demo_grid_flux.png.
+`--ckpt NAME --size 512` runs the TinySD graphs with CheckpointLoaderSimple on a checkpoint of that
+ComfyUI's models/checkpoints instead.
 """
 from __future__ import annotations
 
@@ -43,7 +45,15 @@ REAL_DEMOS = {
     "real_fpe": ("workflows/api/real_fpe_tinysd.json", "a blue circle (FPE, inverted image)"),
     "real_p2p_blend": ("workflows/api/real_p2p_local_blend_tinysd.json", "a blue circle (P2P + blend, inverted)"),
 }
-
+# TinyFlux (Flux's architecture): name -> (edit, source prompt, target prompt, edit-node inputs, blend)
+FLUX_DEMOS = {
+    "flux_replace_color": ("replace", "a red circle", "a blue circle", {}, None),
+    "flux_replace_shape": ("replace", "a red circle", "a red square", {}, None),
+    "flux_refine_background": ("refine", "a red circle", "a red circle on a black background", {}, None),
+    "flux_local_blend": ("local_blend", "a red circle on a gray background", "a blue circle on a gray background",
+                         {}, {"source_words": "red", "target_words": "blue", "threshold": 0.5, "dilate": 0}),
+    "flux_fpe": ("fpe", "a red circle", "a blue circle", {}, None),
+}
 
 MAP_WORDS = ("red", "background")
 
@@ -108,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--only", nargs="+", choices=list(DEMOS) + list(REAL_DEMOS), help="run only these edits")
+    ap.add_argument("--only", nargs="+", choices=list(DEMOS) + list(REAL_DEMOS) + list(FLUX_DEMOS),
+                    help="run only these edits")
     ap.add_argument("--ckpt", help="use CheckpointLoaderSimple with this checkpoint instead of TinySD")
     ap.add_argument("--size", type=int, default=128, help="image size in pixels (TinySD: 128)")
     args = ap.parse_args(argv)
@@ -118,7 +129,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loader = graphs.checkpoint_loader(args.ckpt) if args.ckpt else graphs.TINYSD
-    names = args.only or list(DEMOS) + ([] if args.ckpt else list(REAL_DEMOS))
+    names = args.only or list(DEMOS) + ([] if args.ckpt else list(REAL_DEMOS) + list(FLUX_DEMOS))
     server_mod = comfyui_env.server_module()
     workdir = tempfile.mkdtemp(prefix="attn-edit-demo-")
     server = server_mod.ComfyServer(workdir)
@@ -133,6 +144,15 @@ def main(argv=None) -> int:
             if name in REAL_DEMOS:
                 g, *save_ids[name] = real_graph(name)
                 titles[name] = REAL_DEMOS[name][1]
+            elif name in FLUX_DEMOS:
+                edit, source, target, inputs, blend = FLUX_DEMOS[name]
+                if edit in ("replace", "refine", "local_blend"):
+                    inputs = {**graphs.TINYFLUX_P2P, **inputs}
+                g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=graphs.TINYFLUX_CFG,
+                                      size=128, loader=graphs.TINYFLUX, prefix=f"demo/{name}", edit_inputs=inputs,
+                                      blend=blend)
+                save_ids[name] = [graphs.SOURCE_SAVE, graphs.EDITED_SAVE]
+                titles[name] = target
             else:
                 edit, source, target, inputs, blend = DEMOS[name]
                 if not args.ckpt and edit in ("replace", "refine", "local_blend"):
@@ -164,12 +184,14 @@ def main(argv=None) -> int:
                 print(f"  wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
             results[name] = pair
             print(f"  {name}: -> {titles[name]!r} ({time.perf_counter() - t:.1f} s)", flush=True)
-        if results:
-            cols = [(n, titles[n]) for n in results]
-            sheet = grid([("source", [p[0] for p in results.values()]), ("edited", [p[1] for p in results.values()])],
-                         cols)
-            sheet.save(out / "demo_grid.png")
-            print(f"  wrote {out / 'demo_grid.png'}", flush=True)
+        for sheet_name, members in (("demo_grid.png", [n for n in results if n not in FLUX_DEMOS]),
+                                    ("demo_grid_flux.png", [n for n in results if n in FLUX_DEMOS])):
+            if members:
+                cols = [(n.removeprefix("flux_"), titles[n]) for n in members]
+                sheet = grid([("source", [results[n][0] for n in members]), ("edited", [results[n][1] for n in members])],
+                             cols)
+                sheet.save(out / sheet_name)
+                print(f"  wrote {out / sheet_name}", flush=True)
         entry = server.wait(maps_id, timeout=600)
         pictures = [Image.open(io.BytesIO(server.image_bytes(server.image_refs(entry, graphs.SOURCE_SAVE)[0])))]
         for word in MAP_WORDS:

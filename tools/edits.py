@@ -45,7 +45,7 @@ def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=METHODS,
-             blend: dict = BLEND) -> dict[str, list[dict]]:
+             blend: dict = BLEND, p2p: dict = graphs.TINYSD_P2P) -> dict[str, list[dict]]:
     """Per method, per sample: success, structure IoU and background PSNR against the source."""
     import shapes
 
@@ -59,8 +59,7 @@ def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=M
     if "P2P, SD1.5 defaults" in methods:
         models["P2P, SD1.5 defaults"] = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
                                              **graphs.P2P_DEFAULTS).result[0]
-    p2p_model, tgt_pos = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
-                              **graphs.TINYSD_P2P).result
+    p2p_model, tgt_pos = edit(tiny.model, tiny.clip, store, source, case.target, word_schedules="", **p2p).result
     models["P2P"] = p2p_model
     if "P2P + local blend" in methods and case.blend_words:
         s_words, _, t_words = case.blend_words.partition("|")

@@ -8,6 +8,10 @@ for seed only (no injection), P2P (replace or refine) with the nodes' SD1.5 defa
 TinySD's schedule (tools/graphs.py TINYSD_P2P says why they differ), P2P + local blend, and FPE.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/eval_edits.py --batch 50
+    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_edits.py --model tinyflux --batch 25   # Flux's architecture
+
+On TinyFlux (the flow transformer) "P2P" is TinyFlux's schedule (graphs.TINYFLUX_P2P), the SD1.5
+defaults' p2p_16 is every block there, and local blend reads every block's maps.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 from collections import defaultdict
 
 import edits
+import graphs
 import inproc
 
 
@@ -34,9 +39,13 @@ def main() -> None:
     ap.add_argument("--sampler", default="euler", help="a ComfyUI sampler name ('ddim' is euler)")
     ap.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--model", choices=["tinysd", "tinyflux"], default="tinysd")
     args = ap.parse_args()
     opts = dict(steps=args.steps, sampler=args.sampler, scheduler=args.scheduler)
-    tiny = inproc.Tiny.load(**opts)
+    flux = args.model == "tinyflux"
+    if flux:
+        opts["cfg"] = graphs.TINYFLUX_CFG
+    tiny = inproc.Tiny.load("TinyFluxCheckpointLoader" if flux else "TinySDCheckpointLoader", **opts)
     if args.ckpt:
         import tinysd
         tiny = inproc.Tiny(*tinysd.load_checkpoint(args.ckpt), **opts)
@@ -51,11 +60,12 @@ def main() -> None:
             rows_by_method = edits.run_real_case(tiny, case, args.seed + i, args.batch)
         else:
             blend = {"token_map_level": "auto", "threshold": 0.3, "dilate": 1} if args.p2p_blend else edits.BLEND
-            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, blend=blend)
+            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, blend=blend,
+                                            p2p=graphs.TINYFLUX_P2P if flux else graphs.TINYSD_P2P)
         for method, rows in rows_by_method.items():
             results[(case.kind, method)] += rows
     what = "inverted rendered images (DDIM inversion, direct-inversion source)" if args.real else "samples"
-    print(f"Edits on TinySD, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} {tiny.sampler} steps "
+    print(f"Edits on {'TinyFlux' if flux else 'TinySD'}, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} {tiny.sampler} steps "
           f"({tiny.scheduler}), cfg {tiny.cfg}, {time.time() - t0:.0f} s")
     print(f"{'kind':8s} {'method':20s} {'n':>4s} {'success':>8s} {'edited':>7s} {'IoU':>6s} {'shift':>6s} {'bg PSNR':>8s}")
     for (kind, method), rows in results.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 TINYSD = {"class_type": "TinySDCheckpointLoader", "inputs": {}}
+TINYFLUX = {"class_type": "TinyFluxCheckpointLoader", "inputs": {}}  # the Flux-architecture demo model
 SOURCE_SAVE, EDITED_SAVE, PLAIN_SAVE = "source_save", "edited_save", "plain_save"
 EDITS = ("replace", "refine", "reweight", "local_blend", "fpe")
 P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self_attention_layers": "p2p_16"}  # the nodes'
@@ -22,6 +23,9 @@ P2P_DEFAULTS = {"cross_attention_until": 0.8, "self_attention_until": 0.4, "self
 # cross-attention does not localise, so self-attention carries the structure for longer (0.8), and the
 # swapped word gets its own map sooner (0.6), or the old colour stays (tools/eval_edits.py measures both).
 TINYSD_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_attention_layers": "p2p_32"}
+# TinyFlux (the flow transformer demo model, docs/flow-transformers.md): its schedule and cfg
+TINYFLUX_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_attention_layers": "all"}
+TINYFLUX_CFG = 4.0
 FPE_DEFAULTS = {"layers": "fpe", "until": 0.8}  # FPESelfAttnInject's defaults: FPE's official code
 
 # Real images (tools/eval_real.py measures these; docs/real-images.md has the table): DDIMInvert at cfg 1

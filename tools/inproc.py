@@ -42,8 +42,9 @@ class Tiny:
     size: int = 128  # image size in pixels
 
     @classmethod
-    def load(cls, **kw) -> "Tiny":
-        return cls(*node_classes()["TinySDCheckpointLoader"].execute().result, **kw)
+    def load(cls, loader: str = "TinySDCheckpointLoader", **kw) -> "Tiny":
+        """A demo model through its loader node (TinySDCheckpointLoader, TinyFluxCheckpointLoader)."""
+        return cls(*node_classes()[loader].execute().result, **kw)
 
     def node(self, name: str):
         return node_classes()[name]
