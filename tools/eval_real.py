@@ -90,15 +90,13 @@ def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversio
                 continue
             source_prompt = case.source if prompt_kind == "source" else ""
             noise, negative, inv, correct = branches(tiny, inversion, source_prompt, latent, null_opts, inverted)
-            # the two direct inversions share the source run; correct_target is read while the target samples
-            key = (source_prompt, "direct" if inv is not None else inversion)
+            key = (source_prompt, inversion)  # each its own store: an edit reads the store's run as it finished
             if key not in sources:
                 src_model, src_pos, store = node("AttentionStore").execute(
                     tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0, "model dtype", correct_target=correct,
                     inversion=inv, token_map_level=edits.BLEND["token_map_level"]).result
                 sources[key] = (store, tiny.sample_from(src_model, src_pos, noise, negative))
             store, source = sources[key]
-            store.correct_target = correct
             models = {}
             for m in wanted:
                 if m == "seed only" and inversion in PLAIN_NEGATIVE and seed_rows is not None:
