@@ -19,7 +19,8 @@ import torch
 from .controllers import LayerPatch, Recorder, Shared, chunks
 from .record import RecordError
 from .inject import run_jobs
-from .joint import JOINT_LAYOUT, attention_with_text_mass, combine, join_heads
+from .joint import (JOINT_LAYOUT, attention_with_text_mass, image_injected, join_heads, text_edited,
+                    without_text_values)
 from .layers import AttentionLayer
 
 DIT_BLOCKS = ("double", "single", "joint")
@@ -74,6 +75,25 @@ class JointPatch(Shared):
     own: dict[tuple[str, int], LayerPatch] = field(default_factory=dict)  # image->image parts
     previous: object = None
 
+    def rows(self, c: int, rows: slice, q, k, v, heads: int, text: int, plans: dict) -> torch.Tensor:
+        """One chunk's joint attention output, its image rows edited as its plans say."""
+        attend = self.controller.attention
+        cross_jobs = plans["attn2"][c][0] if "attn2" in plans else None
+        self_jobs = plans["attn1"][c][0] if "attn1" in plans else None
+        q, k, v = q[rows], k[rows], v[rows]
+        if cross_jobs is None and self_jobs is None:
+            return attend(q, k, v, heads)
+        qi, kt, vt = q[:, text:], k[:, :text], v[:, :text]
+        cross = run_jobs([cross_jobs], heads, attend)[0] if cross_jobs else None
+        if self_jobs is None:  # the text block's distribution edited, its mass the target's own
+            joint, mass = attention_with_text_mass(q, k, v, heads, text)
+            image = text_edited(joint[:, text:], mass[:, text:], cross, attend(qi, kt, vt, heads))
+            return torch.cat([joint[:, :text], image], 1)
+        ((q_s, k_s, v_zeroed),) = self_jobs  # the source's image block, and the text mass it leaves
+        block, mass = attention_with_text_mass(q_s, k_s, v_zeroed, heads, text)
+        image = image_injected(cross if cross is not None else attend(qi, kt, vt, heads), block, mass)
+        return torch.cat([attend(q[:, :text], k, v, heads), image], 1)
+
     def plain(self, func, *args, **kwargs):
         if self.previous is not None:
             return self.previous(func, *args, **kwargs)
@@ -103,30 +123,22 @@ class JointPatch(Shared):
             q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
         extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
         ctl = self.controller
+        # the image->text part as a cross-attention; the image->image part as the image queries over the
+        # whole sequence with the text's values zeroed (its output is the row's image block, joint.py)
         qi, parts = q[:, text:], []
         if cross is not None:
             parts.append((cross, qi, k[:, :text], v[:, :text]))
         if own is not None:
-            parts.append((own, qi, k[:, text:], v[:, text:]))
+            parts.append((own, qi, k, without_text_values(v, text)))
         if isinstance(ctl, Recorder):
-            for p, qi, kp, _ in parts:
-                ctl.record_attention(p, qi, kp, extra)
+            for p, qp, kp, _ in parts:
+                ctl.record_attention(p, qp, kp, extra)
             return self.plain(func, *args, **kwargs)
-        plans = {p.kind: ctl.plan(p, qi, kp, vp, extra) for p, qi, kp, vp in parts}
+        plans = {p.kind: ctl.plan(p, qp, kp, vp, extra) for p, qp, kp, vp in parts}
         if all(jobs is None for plan in plans.values() for jobs, *_ in plan):
             return self.plain(func, *args, **kwargs)
-        out, mass = attention_with_text_mass(q, k, v, heads, text)
-        out = out.clone()
-        for c, (_, rows) in enumerate(chunks(extra, q.shape[0])):
-            cross_jobs = plans["attn2"][c][0] if "attn2" in plans else None
-            self_jobs = plans["attn1"][c][0] if "attn1" in plans else None
-            if cross_jobs is None and self_jobs is None:
-                continue
-            qi, kt, vt = q[rows, text:], k[rows, :text], v[rows, :text]
-            plain_x = ctl.attention(qi, kt, vt, heads)
-            x = run_jobs([cross_jobs], heads, ctl.attention)[0] if cross_jobs else None
-            y = run_jobs([self_jobs], heads, ctl.attention)[0] if self_jobs else None
-            out[rows, text:] = combine(out[rows, text:], mass[rows, text:], x, plain_x, y)
+        pieces = [self.rows(c, rows, q, k, v, heads, text, plans) for c, (_, rows) in enumerate(chunks(extra, q.shape[0]))]
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         if kwargs.get("skip_output_reshape", False):
             return out.reshape(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
         return out

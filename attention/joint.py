@@ -1,15 +1,20 @@
 """Joint text-image attention (Flux, SD3's MM-DiT) seen as the UNet's two attentions.
 
-A flow transformer attends once over the concatenated [text; image] tokens. For an image query
-the one softmax over all keys splits exactly into its two blocks:
+A flow transformer attends once over the concatenated [text; image] tokens. An image query's row
+of that one softmax has two blocks, its text block and its image block:
 
-    out = m X + (1 - m) Y,
+    out = m X + B,    B = (1 - m) Y,
 
 X = softmax over the text keys alone (the query's cross-attention), Y = softmax over the image
-keys alone (its self-attention), m the query's attention mass on the text keys, per head. So the
-pack's edits apply unchanged: P2P's cross-attention edits change X, self-attention injection
-(P2P's early steps, FPE) changes Y, and the query keeps its own m (how much it listens to the
-text at all). Text queries attend as usual: the edits are of the image.
+keys alone (its self-attention), m the row's mass on the text keys, per head. The pack's edits
+apply to the blocks as they do to a UNet's two attentions:
+- P2P's cross-attention edits change X, the text block's distribution over the words (its mass
+  stays the target's own);
+- self-attention injection (P2P's early steps, FPE) puts the source's image block B, mass and
+  shape, in place of the target's; the text block takes the rest of the row, m = the source's
+  text mass, distributed over the words as the target's X (or its P2P edit).
+Both forms need one attention over the full sequence, as the plain call does. Text queries attend
+as usual: the edits are of the image.
 
 Tensors use the pack's attention layout, (batch, tokens, heads * dim_head).
 """
@@ -54,14 +59,18 @@ def attention_with_text_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return join_heads(out[..., :d]), join_heads(mass)
 
 
-def combine(plain: torch.Tensor, mass: torch.Tensor, cross: torch.Tensor | None, cross_plain: torch.Tensor | None,
-            self_out: torch.Tensor | None) -> torch.Tensor:
-    """Image queries' joint output from its parts (see the module): with the self-attention
-    replaced, m X' + (1 - m) Y'; with only the cross-attention changed, out + m (X' - X), which
-    needs no second attention over the image keys."""
-    if self_out is not None:
-        x = cross if cross is not None else cross_plain
-        return mass * x + (1 - mass) * self_out
-    if cross is None:
-        return plain
-    return plain + mass * (cross - cross_plain)
+def text_edited(joint: torch.Tensor, mass: torch.Tensor, cross: torch.Tensor, cross_plain: torch.Tensor) -> torch.Tensor:
+    """Image rows with the text block's distribution changed: out + m (X' - X)."""
+    return joint + mass * (cross - cross_plain)
+
+
+def image_injected(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Image rows with the source's image block B' (and its text mass m'): m' X + B'."""
+    return mass * cross + image_block
+
+
+def without_text_values(v: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """The values with the text keys' zeroed: attending with them gives a row's image block B."""
+    out = v.clone()
+    out[:, :text_tokens] = 0
+    return out

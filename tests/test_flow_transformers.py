@@ -57,8 +57,8 @@ def test_recorded_parts_have_the_token_counts_of_text_and_image(dit, comfy_nodes
     assert len({key for key, _ in store.self_qk}) == n_blocks and len({key for key, _ in store.cross_k}) == n_blocks
     # the text stream changes with the step: its keys are kept per step
     assert len({id(k) for k in store.cross_k.values()}) == n_blocks * STEPS
-    for (key, _), (q, k) in store.self_qk.items():
-        assert q.shape[1] == k.shape[1] == 64, key  # 8x8 image tokens (16x16 latent, patch 2)
+    for (key, _), (q, k) in store.self_qk.items():  # the image block: image queries over the whole sequence
+        assert q.shape[1] == 64 and k.shape[1] == text + 64, key  # 8x8 image tokens (16x16 latent, patch 2)
     for key, k in store.cross_k.items():
         assert k.shape[1] == text, key
     assert all(hw == (8, 8) for _, hw in store.layer_hw.values())
