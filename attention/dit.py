@@ -19,8 +19,7 @@ import torch
 from .controllers import LayerPatch, Recorder, Shared, chunks
 from .record import RecordError
 from .inject import run_jobs
-from .joint import (JOINT_LAYOUT, attention_with_text_mass, image_injected, join_heads, text_edited,
-                    without_text_values)
+from .joint import JOINT_LAYOUT, attention_with_text_mass, image_rows, join_heads, without_text_values
 from .layers import AttentionLayer
 
 DIT_BLOCKS = ("double", "single", "joint")
@@ -84,15 +83,12 @@ class JointPatch(Shared):
         if cross_jobs is None and self_jobs is None:
             return attend(q, k, v, heads)
         qi, kt, vt = q[:, text:], k[:, :text], v[:, :text]
-        cross = run_jobs([cross_jobs], heads, attend)[0] if cross_jobs else None
-        if self_jobs is None:  # the text block's distribution edited, its mass the target's own
-            joint, mass = attention_with_text_mass(q, k, v, heads, text)
-            image = text_edited(joint[:, text:], mass[:, text:], cross, attend(qi, kt, vt, heads))
-            return torch.cat([joint[:, :text], image], 1)
-        ((q_s, k_s, v_zeroed),) = self_jobs  # the source's image block, and the text mass it leaves
-        block, mass = attention_with_text_mass(q_s, k_s, v_zeroed, heads, text)
-        image = image_injected(cross if cross is not None else attend(qi, kt, vt, heads), block, mass)
-        return torch.cat([attend(q[:, :text], k, v, heads), image], 1)
+        # the image rows are m X + B: X the text block's distribution (P2P-edited, or the target's own),
+        # (B, m) the image block and the text mass it leaves (the source's when injected, else the target's)
+        x = run_jobs([cross_jobs], heads, attend)[0] if cross_jobs else attend(qi, kt, vt, heads)
+        ((q_b, k_b, v_b),) = self_jobs or [(qi, k, without_text_values(v, text))]
+        block, mass = attention_with_text_mass(q_b, k_b, v_b, heads, text)
+        return torch.cat([attend(q[:, :text], k, v, heads), image_rows(x, block, mass)], 1)
 
     def plain(self, func, *args, **kwargs):
         if self.previous is not None:

@@ -13,7 +13,8 @@ apply to the blocks as they do to a UNet's two attentions:
 - self-attention injection (P2P's early steps, FPE) puts the source's image block B, mass and
   shape, in place of the target's; the text block takes the rest of the row, m = the source's
   text mass, distributed over the words as the target's X (or its P2P edit).
-Both forms need one attention over the full sequence, as the plain call does. Text queries attend
+B and m come from one attention of the image queries over the whole sequence (text values
+zeroed, one channel summing the text mass), so an edited call costs about what the plain one does. Text queries attend
 as usual: the edits are of the image.
 
 Tensors use the pack's attention layout, (batch, tokens, heads * dim_head).
@@ -59,13 +60,8 @@ def attention_with_text_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return join_heads(out[..., :d]), join_heads(mass)
 
 
-def text_edited(joint: torch.Tensor, mass: torch.Tensor, cross: torch.Tensor, cross_plain: torch.Tensor) -> torch.Tensor:
-    """Image rows with the text block's distribution changed: out + m (X' - X)."""
-    return joint + mass * (cross - cross_plain)
-
-
-def image_injected(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Image rows with the source's image block B' (and its text mass m'): m' X + B'."""
+def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Image queries' output from its blocks: m X + B."""
     return mass * cross + image_block
 
 

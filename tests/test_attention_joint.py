@@ -11,7 +11,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from attention.inject import sdpa  # noqa: E402
-from attention.joint import attention_with_text_mass, image_injected, text_edited, without_text_values  # noqa: E402
+from attention.joint import attention_with_text_mass, image_rows, without_text_values  # noqa: E402
 
 B, T, N, H, D = 2, 7, 10, 4, 8
 # float32 rounding of a softmax over 17 keys and its recombination: measured up to 2.5e-6 on
@@ -36,8 +36,8 @@ def test_plain_attention_and_text_mass_in_one_call():
 
 
 def test_blocks_recombine_to_the_joint_attention():
-    """m X + B (B: the image queries over the whole sequence, text values zeroed) and out + m (X - X)
-    are the joint attention's image rows."""
+    """m X + B (B: the image queries over the whole sequence, text values zeroed) are the joint
+    attention's image rows."""
     for seed in range(5):
         q, k, v = qkv(seed)
         out, mass = attention_with_text_mass(q, k, v, H, T)
@@ -46,8 +46,7 @@ def test_blocks_recombine_to_the_joint_attention():
         block, block_mass = attention_with_text_mass(qi, k, without_text_values(v, T), H, T)
         joint = sdpa(q, k, v, H)[:, T:]
         assert (block_mass - mass[:, T:]).abs().max() < TOL
-        assert (image_injected(x, block, block_mass) - joint).abs().max() < TOL
-        assert (text_edited(out[:, T:], mass[:, T:], x, x) - joint).abs().max() < TOL
+        assert (image_rows(x, block, block_mass) - joint).abs().max() < TOL
 
 
 def test_an_injected_image_block_brings_its_mass_and_the_text_takes_the_rest():
@@ -58,10 +57,10 @@ def test_an_injected_image_block_brings_its_mass_and_the_text_takes_the_rest():
     out, mass = attention_with_text_mass(q, k, v, H, T)
     x = sdpa(q[:, T:], k[:, :T], v[:, :T], H)
     block, m_src = attention_with_text_mass(q2[:, T:], k2, without_text_values(v, T), H, T)
-    edited = image_injected(x, block, m_src)
+    edited = image_rows(x, block, m_src)
     assert (edited - out[:, T:]).abs().max() > 100 * TOL
     assert (m_src - mass[:, T:]).abs().max() > 0.01  # the source's own text mass
     ones = torch.ones_like(v)
-    total = image_injected(sdpa(q[:, T:], k[:, :T], ones[:, :T], H),
+    total = image_rows(sdpa(q[:, T:], k[:, :T], ones[:, :T], H),
                            attention_with_text_mass(q2[:, T:], k2, without_text_values(ones, T), H, T)[0], m_src)
     assert (total - 1).abs().max() < TOL
