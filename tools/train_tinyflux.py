@@ -161,6 +161,12 @@ def train(args) -> None:
     opt = torch.optim.AdamW(flux.parameters(), lr=args.lr, weight_decay=0.0)
     state_path, out = pathlib.Path(args.state), pathlib.Path(args.out)
     step = 0
+    if args.init_from and not state_path.exists():
+        prefix = "model.diffusion_model."
+        weights = safetensors.torch.load_file(args.init_from)
+        flux.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+        ema = {k: v.detach().clone() for k, v in flux.state_dict().items()}
+        print(f"initialised from {args.init_from}", flush=True)
     if state_path.exists():
         st = torch.load(state_path, weights_only=True)
         flux.load_state_dict(st["flux"])
@@ -320,6 +326,7 @@ def main() -> None:
     ap.add_argument("--logit-normal", type=float, default=0.75, help="fraction of times drawn logit-normal")
     ap.add_argument("--state", default=str(REPO / ".train" / "tinyflux_state.pt"), help="resume state (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "demo_model" / "tinyflux.safetensors"))
+    ap.add_argument("--init-from", help="start a new run from a TinyFlux checkpoint's transformer (e.g. the shipped one)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--eval-every", type=int, default=500, help="caption-accuracy check every N steps (0: never)")
     ap.add_argument("--evaluate", action="store_true", help="evaluate --out through ComfyUI instead of training")
