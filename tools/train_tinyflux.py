@@ -176,7 +176,8 @@ def train(args) -> None:
     state_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(state_path.parent / "tinyflux_log.txt", "a")
     t0 = time.time()
-    while step < args.steps:
+    stop = min(args.steps, args.stop_at or args.steps)
+    while step < stop:
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / 200)
             group["lr"] = args.lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
@@ -190,7 +191,7 @@ def train(args) -> None:
         torch.nn.utils.clip_grad_norm_(flux.parameters(), 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in flux.state_dict().items():
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
@@ -200,10 +201,10 @@ def train(args) -> None:
             log.write(msg + "\n")
             log.flush()
             t0 = time.time()
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == stop:
             torch.save({"flux": flux.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step}, state_path)
             export(ema, te, out)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if args.eval_every and (step % args.eval_every == 0 or step == stop):
             live = build_flux(args.seed)
             live.load_state_dict(ema)
             live.eval()
@@ -327,6 +328,8 @@ def main() -> None:
     ap.add_argument("--state", default=str(REPO / ".train" / "tinyflux_state.pt"), help="resume state (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "demo_model" / "tinyflux.safetensors"))
     ap.add_argument("--init-from", help="start a new run from a TinyFlux checkpoint's transformer (e.g. the shipped one)")
+    ap.add_argument("--stop-at", type=int, help="stop after this step (the schedule still runs to --steps)")
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--eval-every", type=int, default=500, help="caption-accuracy check every N steps (0: never)")
     ap.add_argument("--evaluate", action="store_true", help="evaluate --out through ComfyUI instead of training")
