@@ -149,8 +149,8 @@ def main(argv=None) -> int:
                 if edit in ("replace", "refine", "local_blend"):
                     inputs = {**graphs.TINYFLUX_P2P, **inputs}
                 g = graphs.edit_graph(edit, source, target, args.seed, steps=args.steps, cfg=graphs.TINYFLUX_CFG,
-                                      size=128, loader=graphs.TINYFLUX, prefix=f"demo/{name}", edit_inputs=inputs,
-                                      blend=blend)
+                                      size=128, loader=graphs.TINYFLUX, scheduler=graphs.TINYFLUX_SCHEDULER,
+                                      prefix=f"demo/{name}", edit_inputs=inputs, blend=blend)
                 save_ids[name] = [graphs.SOURCE_SAVE, graphs.EDITED_SAVE]
                 titles[name] = target
             else:

@@ -45,6 +45,7 @@ def main() -> None:
     flux = args.model == "tinyflux"
     if flux:
         opts["cfg"] = graphs.TINYFLUX_CFG
+        opts["scheduler"] = graphs.TINYFLUX_SCHEDULER if args.scheduler == "normal" else args.scheduler
     tiny = inproc.Tiny.load("TinyFluxCheckpointLoader" if flux else "TinySDCheckpointLoader", **opts)
     if args.ckpt:
         import tinysd

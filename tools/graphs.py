@@ -26,6 +26,7 @@ TINYSD_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_a
 # TinyFlux (the flow transformer demo model, docs/flow-transformers.md): its schedule and cfg
 TINYFLUX_P2P = {"cross_attention_until": 0.6, "self_attention_until": 0.8, "self_attention_layers": "all"}
 TINYFLUX_CFG = 4.0
+TINYFLUX_SCHEDULER = "simple"  # the scheduler TinyFlux was evaluated with (docs/demo-model.md)
 FPE_DEFAULTS = {"layers": "fpe", "until": 0.8}  # FPESelfAttnInject's defaults: FPE's official code
 
 # Real images (tools/eval_real.py measures these; docs/real-images.md has the table): DDIMInvert at cfg 1
