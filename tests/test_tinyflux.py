@@ -91,3 +91,25 @@ def test_samples_follow_captions(tinyflux_model):
             n += 1
     assert np.isfinite(images).all()
     assert colour_hits / n >= MIN_COLOUR, (colour_hits / n, shape_hits / n)
+
+
+def test_colour_swaps_keep_the_layout_on_flux_architecture(tinyflux_model):
+    """P2P (TinyFlux's schedule) and FPE through the joint-attention adapter: both colour swaps,
+    4 samples each, 20 steps. The colour always changes, and the shape keeps its place and outline
+    far better than with the seed alone. Over seeds 5, 11 and 23 these 8 samples gave edited 1.0,
+    IoU seed + 0.13 to + 0.21 and a centre shift of 1.3-3.2 px against the seed's 9.2-13.7
+    (tools/eval_edits.py --model tinyflux, 50 samples: IoU 0.82 against 0.64, shift 3.0 against 9.4)."""
+    import edits
+    import graphs
+    import inproc
+
+    tiny = inproc.Tiny(*tinyflux_model, cfg=graphs.TINYFLUX_CFG, scheduler=graphs.TINYFLUX_SCHEDULER)
+    rows: dict[str, list] = {}
+    for case in (edits.CASES[0], edits.CASES[1]):
+        for method, r in edits.run_case(tiny, case, 5, 4, ("seed only", "P2P", "FPE"), p2p=graphs.TINYFLUX_P2P).items():
+            rows.setdefault(method, []).extend(r)
+    got = {m: edits.summarise(r) for m, r in rows.items()}
+    for method in ("P2P", "FPE"):
+        assert got[method]["edited"] >= 0.9, (method, got)
+        assert got[method]["iou"] >= got["seed only"]["iou"] + 0.08, (method, got)
+        assert got[method]["shift"] <= got["seed only"]["shift"] / 2, (method, got)
