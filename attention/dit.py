@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .controllers import LayerPatch, Recorder, Shared, chunks
-from .record import RecordError
 from .inject import run_jobs
 from .joint import JOINT_LAYOUT, attention_with_text_mass, image_rows, join_heads, without_text_values
 from .layers import AttentionLayer
-
-DIT_BLOCKS = ("double", "single", "joint")
+from .record import RecordError
 
 
 def is_dit(model: torch.nn.Module) -> bool:
+    """A flow transformer this adapter addresses (Flux's double/single blocks, SD3's joint blocks)."""
     return hasattr(model, "double_blocks") or hasattr(model, "joint_blocks")
 
 
