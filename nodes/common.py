@@ -35,21 +35,18 @@ def prompt_from_clip(clip, text: str, node: str, input_name: str) -> Prompt:
     if clip is None:
         raise NodeInputError(node, "clip", "no CLIP given: connect the checkpoint's CLIP output")
     tokens = clip.tokenize(text, return_word_ids=True)
-    names = ["t5xxl"] if "t5xxl" in tokens and "g" not in tokens else []
-    if "t5xxl" in tokens and "g" in tokens:
-        names = ["l", "t5xxl"]
-    names = names or ["l" if "l" in tokens else next(iter(tokens))]
+    if "t5xxl" in tokens:  # SD3 (with CLIP-G): CLIP's chunks, then T5's; Flux: T5's only
+        names = ["l", "t5xxl"] if "g" in tokens else ["t5xxl"]
+    else:
+        names = ["l" if "l" in tokens else next(iter(tokens))]
     plain = " ".join(sd1_clip.unescape_important(segment)
                      for segment, _ in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0))
-    chunks, texts = [], []
-    for name in names:
-        tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
-        vocab = getattr(tokenizer, "inv_vocab", {})
-        chunks.append(tokens[name])
-        texts.append(vocab.get)
+    parts = []
     try:
-        parts = [prompt_from_tokens(text, c, piece, plain, sentencepiece=name == "t5xxl")
-                 for name, c, piece in zip(names, chunks, texts)]
+        for name in names:
+            tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
+            piece = getattr(tokenizer, "inv_vocab", {}).get
+            parts.append(prompt_from_tokens(text, tokens[name], piece, plain, sentencepiece=name == "t5xxl"))
     except PromptError as e:
         raise NodeInputError(node, input_name, str(e)) from None
     return parts[0] if len(parts) == 1 else concat_prompts(*parts)
