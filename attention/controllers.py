@@ -171,7 +171,7 @@ class Recorder(Shared):
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
             check_inversion_sampler(sampler, "AttentionStore")
-            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore")
+            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore", executor)
         self.record.begin(sigmas, tuple(noise.shape))
         self.record.settings = run_settings(executor, noise, sampler)
         self.occurrences, self.last_cond = Occurrences(), None
@@ -277,8 +277,33 @@ def batch_rows(conds: dict, rows: slice, batch: int, previous: dict | None) -> d
     return picked
 
 
-def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, node: str) -> None:
-    """A branch of a real-image edit must start from the inverted noise, with no noise added."""
+def guider_model(executor):
+    """The BaseModel of the guider an outer_sample wrapper runs (None outside ComfyUI's guider)."""
+    return getattr(getattr(getattr(executor, "class_obj", None), "model_patcher", None), "model", None)
+
+
+def sampler_start(executor, noise: torch.Tensor, latent_image: torch.Tensor, sigma0) -> torch.Tensor | None:
+    """The latent an outer_sample run starts from, as ComfyUI's KSAMPLER makes it: the model's
+    noise_scaling of the noise and the model-space latent (eps models: latent + sigma * noise;
+    flow models: sigma * noise + (1 - sigma) * latent). None outside a ComfyUI guider."""
+    model = guider_model(executor)
+    if model is None:
+        return None
+    latent = latent_image.float().cpu()
+    if torch.count_nonzero(latent) > 0:  # as CFGGuider.inner_sample: an empty latent is not shifted
+        latent = model.process_latent_in(latent)
+    sigma = torch.as_tensor(sigma0).float().cpu().reshape(1)
+    return model.model_sampling.noise_scaling(sigma, noise.float().cpu(), latent, False)
+
+
+def flow_model(executor) -> bool:
+    """Whether the guider's model samples a flow (x = (1 - sigma) x0 + sigma noise), as Flux and SD3."""
+    sampling = getattr(guider_model(executor), "model_sampling", None)
+    return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
+
+
+def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, node: str, executor=None) -> None:
+    """A branch of a real-image edit must start from the inverted noise, exactly."""
     if len(sigmas) != len(inv.sigmas) or not torch.allclose(sigmas.float().cpu(), inv.sigmas, rtol=1e-4, atol=1e-6):
         raise RecordError(f"{node}: the sampler's sigmas ({len(sigmas) - 1} steps) differ from DDIMInvert's "
                           f"({inv.num_steps} steps): use DDIMInvert's steps and scheduler, and denoise 1.0")
@@ -286,9 +311,22 @@ def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, no
         raise RecordError(f"{node}: the sampler's latent is {tuple(latent_image.shape)} but the inversion's is "
                           f"{tuple(inv.noise_latent.shape)}: connect DDIMInvert's LATENT (the trajectory is of "
                           "another image size)")
-    if bool(noise.abs().max() > 0) or not torch.allclose(latent_image.float().cpu(), inv.noise_latent.float().cpu(), atol=1e-5):
-        raise RecordError(f"{node}: the sampler must start from DDIMInvert's LATENT with no noise added: use "
-                          "KSamplerAdvanced with add_noise 'disable' (or SamplerCustom with add_noise off)")
+    start = sampler_start(executor, noise, latent_image, sigmas[0])
+    if start is None:  # outside ComfyUI's guider: compare what the branch was given
+        starts = not bool(noise.abs().max() > 0) and torch.allclose(
+            latent_image.float().cpu(), inv.noise_latent.float().cpu(), atol=1e-5)
+    else:
+        z = inv.latents[0].float()
+        starts = torch.allclose(start, z, rtol=1e-4, atol=1e-4 * max(1.0, float(z.abs().max())))
+    if starts:
+        return
+    if flow_model(executor):
+        raise RecordError(f"{node}: the sampler must start from the inverted noise: on a flow model (Flux, SD3) "
+                          "sample both branches with SamplerCustomAdvanced, noise = DDIMInvert's noise and "
+                          "latent_image = DDIMInvert's LATENT (KSamplerAdvanced with add_noise 'disable' starts a flow "
+                          "model at (1 - sigma) x latent, which is 0 at sigma 1)")
+    raise RecordError(f"{node}: the sampler must start from DDIMInvert's LATENT with no noise added: use "
+                      "KSamplerAdvanced with add_noise 'disable' (or SamplerCustomAdvanced with DDIMInvert's noise)")
 
 
 def check_whole_latent(x: torch.Tensor, latent_shape, node: str) -> None:
@@ -437,7 +475,7 @@ class Editor(Shared):
                               "recomputes the source (AttentionStore's strategy/budget_mb), which cannot reproduce "
                               "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
-            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node)
+            check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node, executor)
         self.maps.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()

@@ -1,11 +1,15 @@
-"""DDIM inversion and exact reconstruction, in ComfyUI's sigma space (x = x0 + sigma * eps).
+"""DDIM inversion and exact reconstruction, in ComfyUI's sigma space.
 
-`denoise(x, sigma) -> x0` is any model's denoised prediction (eps or v-prediction alike), so the
-functions here run on plain tensors. Sampling sigmas come in ComfyUI's order, sigma_max first and
+`denoise(x, sigma) -> x0` is any model's denoised prediction, so the functions here run on plain
+tensors. ComfyUI's samplers step along d = (x - x0) / sigma for every model: the noise for eps and
+v-prediction (x = x0 + sigma * eps), the velocity for flow matching (Flux, SD3: x = (1 - sigma) *
+x0 + sigma * noise, d = noise - x0). An Euler step is the same formula for both, so one inversion
+serves UNets and flow transformers. Sampling sigmas come in ComfyUI's order, sigma_max first and
 0 last; a trajectory holds the latent at each of them, from the noise (index 0) to the image.
 """
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +33,7 @@ class Trajectory:
     model_id: str
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompt: torch.Tensor | None = None  # the positive conditioning it was inverted with (checked by AttentionStore)
+    solver: str = "euler"
 
     @property
     def num_steps(self) -> int:
@@ -48,20 +53,41 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     return denoised + (x - denoised) * (sigma_next / sigma)
 
 
+SOLVERS = {"euler": 1, "midpoint": 2}  # inversion solver -> model evaluations per step
+
+
+def direction(denoise: Denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """d = (x - x0) / sigma: the noise (eps models) or the velocity (flow models)."""
+    return (x - denoise(x, sigma)) / sigma
+
+
 def invert(denoise: Denoise, image_latent: torch.Tensor, sigmas: torch.Tensor,
-           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """DDIM inversion: walk the sampling schedule backwards from the image (sigmas[-1] = 0) to
-    sigmas[0]. Step k -> k-1 uses the noise predicted at the *target* sigma from the current
-    latent, eps(x_k, sigma_{k-1}) -- the approximation eps(x_{k-1}) ~ eps(x_k) of Mokady et al.,
-    which never evaluates the model at sigma 0. Returns all latents, (N + 1, B, C, H, W)."""
+           callback: Callable[[int, torch.Tensor], None] | None = None, solver: str = "euler") -> torch.Tensor:
+    """Walk the sampling schedule backwards from the image (sigmas[-1] = 0) to sigmas[0].
+    Returns all latents, (N + 1, B, C, H, W).
+
+    - "euler" (DDIM inversion): step k -> k-1 uses the direction predicted at the *target* sigma
+      from the current latent, d(x_k, sigma_{k-1}) -- the approximation d(x_{k-1}) ~ d(x_k) of
+      Mokady et al., which never evaluates the model at sigma 0. One evaluation per step.
+    - "midpoint" (second order, as RF-Solver's Taylor step with a finite-difference derivative):
+      d(x_k, sigma_k), a half step to the midpoint sigma, and the whole step along the midpoint's
+      direction. The midpoint is the geometric mean of the two sigmas, ComfyUI's `dpm_2`, so that
+      sampler retraces the inversion step for step. The step from sigma 0 stays an Euler step as
+      above (dpm_2's last step is Euler). Two evaluations per step."""
+    if solver not in SOLVERS:
+        raise InversionError(f"unknown inversion solver {solver!r}; one of {sorted(SOLVERS)}")
     n = len(sigmas) - 1
     out = [None] * (n + 1)
     x = image_latent
     out[n] = x
     for k in range(n, 0, -1):
         s_to, s_from = float(sigmas[k - 1]), float(sigmas[k])
-        eps = (x - denoise(x, s_to)) / s_to
-        x = x + (s_to - s_from) * eps
+        if solver == "euler" or s_from == 0.0:
+            x = x + (s_to - s_from) * direction(denoise, x, s_to)
+        else:
+            s_mid = math.sqrt(s_from * s_to)
+            half = x + (s_mid - s_from) * direction(denoise, x, s_from)
+            x = x + (s_to - s_from) * direction(denoise, half, s_mid)
         out[k - 1] = x
         if callback is not None:
             callback(n - k, x)

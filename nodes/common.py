@@ -66,6 +66,13 @@ def model_layers(model, node: str) -> list[AttentionLayer]:
                              "Flux and SD3 flow transformers") from None
 
 
+def guidance_distilled(model) -> bool:
+    """Flux.1-dev-style models take the guidance as an input and are sampled at cfg 1: they have
+    no unconditional branch for null-text or negative-prompt inversion to work on."""
+    params = getattr(getattr(model.model, "diffusion_model", None), "params", None)
+    return bool(getattr(params, "guidance_embed", False))
+
+
 def model_id(model) -> str:
     return f"{type(model.model).__name__}@{id(model.model):x}"
 

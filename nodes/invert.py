@@ -1,6 +1,8 @@
 """Real images: DDIM inversion through ComfyUI's own sampler machinery, and null-text inversion."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from comfy_api.latest import io
 
@@ -11,11 +13,36 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..attention.inversion import Trajectory, cfg_step, invert, optimize_null_embedding
-from .common import NodeInputError, current_controller, model_id
+from ..attention.dit import is_dit
+from ..attention.inversion import SOLVERS, Trajectory, cfg_step, invert, optimize_null_embedding
+from .common import NodeInputError, current_controller, guidance_distilled, model_id
 from .common import CATEGORY, Schema
 
 InversionType = io.Custom("INVERSION")
+
+
+class InvertedNoise:
+    """SamplerCustomAdvanced's noise for a branch that starts from an inversion. With DDIMInvert's
+    LATENT as latent_image the sampler then starts exactly at the inverted latent: a flow model
+    starts at sigma * noise + (1 - sigma) * latent, so its noise is that latent; other models add
+    sigma * noise to the latent, so theirs is zero."""
+
+    seed = 0  # nothing random: the same start on every run
+
+    def __init__(self, latent: torch.Tensor, flow: bool):
+        self.latent, self.flow = latent, flow
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = input_latent["samples"]
+        if tuple(samples.shape) != tuple(self.latent.shape):
+            raise NodeInputError("DDIMInvert", "noise", f"the sampler's latent is {tuple(samples.shape)} but the "
+                                 f"inversion's is {tuple(self.latent.shape)}: connect DDIMInvert's LATENT as the "
+                                 "sampler's latent_image")
+        return self.latent.clone() if self.flow else torch.zeros_like(self.latent)
+
+
+def is_flow(model) -> bool:
+    return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
 
 
 def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
@@ -28,10 +55,12 @@ class DDIMInvert(io.ComfyNode):
         return Schema(
             node_id="DDIMInvert", display_name="DDIM Invert", category=CATEGORY + "/inversion",
             search_aliases=["inversion", "ddim inversion", "invert image", "real image editing", "image to noise"],
-            description="Deterministic DDIM inversion of an image's latent to the noise it would be sampled from. "
-                        "Sample the source and target branches from the LATENT with KSamplerAdvanced (add_noise "
-                        "disable, sampler euler or ddim -- others are refused --, the same steps and scheduler); "
-                        "connect the inversion to AttentionStore for exact reconstruction (direct inversion, "
+            description="Deterministic inversion of an image's latent to the noise it would be sampled from "
+                        "(DDIM inversion; on Flux and SD3 the flow ODE walked backwards). Sample the source and "
+                        "target branches from it with the same steps and scheduler and sampler euler or ddim (others "
+                        "are refused): KSamplerAdvanced (add_noise disable) from the LATENT, or SamplerCustomAdvanced "
+                        "with noise = this node's noise and latent_image = the LATENT (required on Flux and SD3). "
+                        "Connect the inversion to AttentionStore for exact reconstruction (direct inversion, "
                         "correct_target off). To keep what the prompts do not name (a background): FPE, or P2P with "
                         "P2PLocalBlend (docs/real-images.md).",
             inputs=[
@@ -44,32 +73,41 @@ class DDIMInvert(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
                                tooltip="Use the same scheduler in both branches."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Guidance while inverting. 1.0 (no guidance) inverts most faithfully."),
+                               tooltip="Guidance while inverting. 1.0 (no guidance) inverts most faithfully "
+                                       "(Flux.1-dev's distilled guidance is the conditioning's FluxGuidance, not this)."),
+                io.Combo.Input("solver", options=list(SOLVERS), default="euler", optional=True,
+                               tooltip="euler: DDIM inversion, one model call per step. midpoint: second order "
+                                       "(RF-Solver), two calls per step; it reconstructs better at the same steps, "
+                                       "and the dpm_2 sampler retraces it without AttentionStore."),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT", tooltip="The noise at the first sigma: sample both branches "
-                                 "from it with add_noise disabled."),
+                io.Latent.Output(display_name="LATENT", tooltip="The inverted latent at the first sigma: sample both "
+                                 "branches from it (KSamplerAdvanced with add_noise disabled, or SamplerCustomAdvanced "
+                                 "with this node's noise)."),
                 InversionType.Output(display_name="inversion", tooltip="The trajectory (latent at every sigma)."),
+                io.Noise.Output(display_name="noise", tooltip="For SamplerCustomAdvanced, with the LATENT as its "
+                                "latent_image: the branches start exactly at the inverted latent. Required on flow "
+                                "models (Flux, SD3), where KSamplerAdvanced without noise would start at zero."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, steps, scheduler, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent, steps, scheduler, cfg, solver="euler") -> io.NodeOutput:
         if current_controller(model) is not None:
             raise NodeInputError("DDIMInvert", "model", "this model carries an attention-edit patch: connect the "
                                  "checkpoint's MODEL (before AttentionStore or an edit node)")
-        if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
-            raise NodeInputError("DDIMInvert", "model", f"{type(model.model).__name__} is a flow-matching model "
-                                 "(Flux, SD3): inverting real images is supported on SD1.x/SDXL-style models only. "
-                                 "Flux and SD3 edit generated images (AttentionStore and the edit nodes)")
+        if solver not in SOLVERS:
+            raise NodeInputError("DDIMInvert", "solver", f"{solver!r} is not one of {', '.join(SOLVERS)}")
         sigmas = schedule(model, scheduler, steps)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         trail: dict[str, torch.Tensor] = {}
 
         def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            s_in = x.new_ones([x.shape[0]])
+            image = model_k.latent_image  # the model-space image (x is its noise scaling: (1 - sigma) * it on flows)
+            s_in = image.new_ones([image.shape[0]])
             progress = None if callback is None else (lambda i, xi: callback({"i": i, "denoised": xi, "x": xi}))
-            trail["latents"] = invert(lambda xi, s: model_k(xi, s * s_in, **(extra_args or {})), x, sigmas, progress)
+            trail["latents"] = invert(lambda xi, s: model_k(xi, s * s_in, **(extra_args or {})), image, sigmas,
+                                      progress, solver)
             return trail["latents"][0]
 
         with torch.no_grad():  # (the executor runs nodes in inference mode; direct callers may not)
@@ -78,8 +116,9 @@ class DDIMInvert(io.ComfyNode):
                 negative, samples, callback=latent_preview.prepare_callback(model, steps),
                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         trajectory = Trajectory(sigmas, trail["latents"].float().cpu(), out.float().cpu(), model_id(model),
-                                prompt=positive[0][0].float().cpu())
-        return io.NodeOutput({**latent, "samples": out}, trajectory)
+                                prompt=positive[0][0].float().cpu(), solver=solver)
+        noise = InvertedNoise(trajectory.latents[0], is_flow(model))
+        return io.NodeOutput({**latent, "samples": out}, trajectory, noise)
 
 
 def percent_for_sigma(model_sampling, sigma: float) -> float:
@@ -107,7 +146,9 @@ class NullTextInversion(io.ComfyNode):
             search_aliases=["inversion", "null-text inversion", "null text", "real image editing"],
             description="Optimises the unconditional (negative) embedding at every step so that guided sampling "
                         "from the inverted noise retraces the inversion (Mokady et al.). Use the output as the "
-                        "negative of both branches, with the same cfg, steps and scheduler, sampler euler/ddim.",
+                        "negative of both branches, with the same cfg, steps and scheduler, sampler euler/ddim. "
+                        "Needs classifier-free guidance: not for guidance-distilled models (Flux.1-dev), where "
+                        "direct inversion is the way.",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL, as given to DDIMInvert."),
                 InversionType.Input("inversion", tooltip="DDIMInvert's inversion output."),
@@ -135,6 +176,10 @@ class NullTextInversion(io.ComfyNode):
         if inversion.model_id != model_id(model):
             raise NodeInputError("NullTextInversion", "model", "the inversion was made with another model: "
                                  "connect the MODEL that DDIMInvert used")
+        if guidance_distilled(model):
+            raise NodeInputError("NullTextInversion", "model", f"{type(model.model).__name__} has distilled guidance "
+                                 "(Flux.1-dev: sampled at cfg 1, no negative branch to optimise): use direct inversion "
+                                 "instead (DDIMInvert's inversion into AttentionStore)")
         comfy.model_management.load_models_gpu([model])
         dm, device = model.model, model.load_device
         sigmas, n = inversion.sigmas, inversion.num_steps
@@ -146,7 +191,13 @@ class NullTextInversion(io.ComfyNode):
             conds = dm.extra_conds(cross_attn=emb, device=device, noise=x, width=x.shape[-1] * 8,
                                    height=x.shape[-2] * 8, **extra)
             kwargs = {k: c.process_cond(batch_size=x.shape[0], device=device).cond for k, c in conds.items()}
-            return dm.apply_model(x, torch.full((x.shape[0],), sigma, device=device), transformer_options=options, **kwargs)
+            with saved_copies if torch.is_grad_enabled() else contextlib.nullcontext():
+                return dm.apply_model(x, torch.full((x.shape[0],), sigma, device=device), transformer_options=options,
+                                      **kwargs)
+
+        # Flux's blocks add to their inputs in place, which autograd rejects for tensors it saved: keep copies
+        saved_copies = (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+                        if is_dit(dm.diffusion_model) else contextlib.nullcontext())
 
         # one embedding per image: each image's step depends on its own row only, so one batched Adam run
         # optimises every image as if alone (its loss is the batch mean: the same directions, Adam's scale)

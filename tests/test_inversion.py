@@ -31,7 +31,7 @@ def image(tiny):
     latent = tiny.encode_images(images)
     prompt = captions[0]
     noise, inv = tiny.node("DDIMInvert").execute(tiny.model, tiny.encode(prompt), tiny.encode(""), latent, STEPS,
-                                                 "normal", 1.0).result
+                                                 "normal", 1.0).result[:2]
     return latent, prompt, noise, inv
 
 

@@ -63,7 +63,7 @@ def inverted(tiny):
     images, captions = eval_inversion.synthetic_images(1, seed=3)
     latent = tiny.encode_images(images)
     noise, inv = tiny.node("DDIMInvert").execute(tiny.model, tiny.encode(captions[0]), tiny.encode(""), latent,
-                                                 8, "normal", 1.0).result
+                                                 8, "normal", 1.0).result[:2]
     return captions[0], noise, inv
 
 

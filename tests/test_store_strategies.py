@@ -157,7 +157,7 @@ def test_recompute_edits_a_real_image_as_keep_does(tiny):
     neg = tiny.encode("")
     latent = tiny.encode_images(edits.case_images(edits.CASES[0], seed=9, batch=2))
     noise, inv = tiny.node("DDIMInvert").execute(tiny.model, tiny.encode(SOURCE), neg, latent, tiny.steps,
-                                                 tiny.scheduler, 1.0).result
+                                                 tiny.scheduler, 1.0).result[:2]
     out = {}
     for strategy in ("keep", "recompute"):
         m, pos, st = tiny.node("AttentionStore").execute(tiny.model, tiny.clip, SOURCE, 1.0, "fpe", 1.0, "model dtype",

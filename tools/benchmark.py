@@ -131,7 +131,7 @@ def main() -> None:
         image = b.sample(b.model, pos)
 
         def real():
-            noise, inv = b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal", 1.0).result
+            noise, inv = b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal", 1.0).result[:2]
             m, spos, st = b.store("", "fpe", 1.0, 0.0, inv)
             src = b.sample(m, spos, noise, add_noise=False)
             b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0], tgt, noise,

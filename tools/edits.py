@@ -97,7 +97,7 @@ def run_real_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int) -> d
     targets, sources = {}, {}
     for method, source_prompt in (("P2P", case.source), ("FPE", "")):
         noise, inv = node("DDIMInvert").execute(tiny.model, tiny.encode(source_prompt), neg, latent, tiny.steps,
-                                                tiny.scheduler, 1.0).result
+                                                tiny.scheduler, 1.0).result[:2]
         m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0,
                                                            "model dtype", inversion=inv).result
         source = tiny.sample_from(m, src_pos, noise, neg)

@@ -2,9 +2,11 @@
 of the decoded reconstruction against the image for plain DDIM inversion, direct inversion
 (AttentionStore re-anchored to the trajectory), negative-prompt inversion (the source prompt as the
 negative) and null-text inversion, at several step counts; and the time of each relative to one
-plain generation of the same steps.
+plain generation of the same steps. With --solver midpoint also DDIMInvert's second-order inversion,
+retraced by ComfyUI's dpm_2 sampler (plain) or re-anchored (direct).
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/eval_inversion.py --images 8 --steps 10 20 50
+    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_inversion.py --model tinyflux --cfg 1 4 --solver euler midpoint
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import time
 
 import numpy as np
+import graphs
 import inproc
 
 
@@ -27,8 +30,11 @@ def synthetic_images(n: int, seed: int = 2024) -> tuple[np.ndarray, list[str]]:
     return np.stack([shapes.render(s) for s in specs]), [s.caption(with_background=True) for s in specs]
 
 
+RETRACING_SAMPLER = {"euler": "euler", "midpoint": "dpm_2"}  # the ComfyUI sampler that retraces each inversion
+
+
 def reconstruct(tiny: inproc.Tiny, image: np.ndarray, prompt: str, steps: int, cfg: float,
-                inner_steps: list[int], lr: float) -> dict[str, tuple[float, float]]:
+                inner_steps: list[int], lr: float, solvers=("euler",)) -> dict[str, tuple[float, float]]:
     """method -> (PSNR dB, seconds) for one image. PSNR is against the VAE's own reconstruction
     decode(encode(image)): what an exact inversion can give back (TinySD's VAE is 8x8 pixel art)."""
     node = tiny.node
@@ -45,28 +51,32 @@ def reconstruct(tiny: inproc.Tiny, image: np.ndarray, prompt: str, steps: int, c
     plain_s = time.perf_counter() - t
     out["plain generation"] = (float("nan"), plain_s)
 
-    t = time.perf_counter()
-    noise, inv = node("DDIMInvert").execute(tiny.model, pos, neg, latent, steps, tiny.scheduler, 1.0).result
-    invert_s = time.perf_counter() - t
-    t = time.perf_counter()
-    out["ddim"] = (score(tiny.sample_from(tiny.model, pos, noise, neg, steps=steps, cfg=cfg)), invert_s + time.perf_counter() - t)
-
-    t = time.perf_counter()
-    out["negative-prompt"] = (score(tiny.sample_from(tiny.model, pos, noise, pos, steps=steps, cfg=cfg)), invert_s + time.perf_counter() - t)
-
-    t = time.perf_counter()
-    m, src_pos, _ = node("AttentionStore").execute(tiny.model, tiny.clip, prompt, 1.0, "fpe", 1.0, "model dtype",
-                                                   inversion=inv).result
-    out["direct"] = (score(tiny.sample_from(m, src_pos, noise, neg, steps=steps, cfg=cfg)), invert_s + time.perf_counter() - t)
-
-    out["ddim inversion only"] = (float("nan"), invert_s)
-    for inner in inner_steps:
+    for solver in solvers:
+        name = "ddim" if solver == "euler" else f"{solver} inversion"
         t = time.perf_counter()
-        null = node("NullTextInversion").execute(tiny.model, inv, pos, neg, cfg, inner, lr, 1e-5).result[0]
-        null_s = time.perf_counter() - t
-        out[f"null-text ({inner} evals/step)"] = (score(tiny.sample_from(tiny.model, pos, noise, null, steps=steps,
-                                                                          cfg=cfg)), invert_s + time.perf_counter() - t)
-        out[f"null-text ({inner}) optimisation only"] = (float("nan"), null_s)
+        inverted = node("DDIMInvert").execute(tiny.model, pos, neg, latent, steps, tiny.scheduler, 1.0, solver).result
+        invert_s = time.perf_counter() - t
+        out[f"{name} only"] = (float("nan"), invert_s)
+        t = time.perf_counter()
+        rec = tiny.sample_branch(tiny.model, pos, inverted, neg, steps=steps, cfg=cfg, sampler=RETRACING_SAMPLER[solver])
+        out[name if solver == "euler" else f"{name} + {RETRACING_SAMPLER[solver]}"] = (score(rec), invert_s + time.perf_counter() - t)
+        t = time.perf_counter()
+        m, src_pos, _ = node("AttentionStore").execute(tiny.model, tiny.clip, prompt, 1.0, "fpe", 1.0, "model dtype",
+                                                       inversion=inverted[1]).result
+        out["direct" if solver == "euler" else f"direct ({solver})"] = (
+            score(tiny.sample_branch(m, src_pos, inverted, neg, steps=steps, cfg=cfg)), invert_s + time.perf_counter() - t)
+        if solver != "euler":
+            continue
+        t = time.perf_counter()
+        out["negative-prompt"] = (score(tiny.sample_branch(tiny.model, pos, inverted, pos, steps=steps, cfg=cfg)),
+                                  invert_s + time.perf_counter() - t)
+        for inner in inner_steps if cfg > 1 else ():
+            t = time.perf_counter()
+            null = node("NullTextInversion").execute(tiny.model, inverted[1], pos, neg, cfg, inner, lr, 1e-5).result[0]
+            null_s = time.perf_counter() - t
+            out[f"null-text ({inner} evals/step)"] = (
+                score(tiny.sample_branch(tiny.model, pos, inverted, null, steps=steps, cfg=cfg)), invert_s + time.perf_counter() - t)
+            out[f"null-text ({inner}) optimisation only"] = (float("nan"), null_s)
     return out
 
 
@@ -74,7 +84,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
-    ap.add_argument("--cfg", type=float, default=5.0, help="guidance of the reconstructing branch")
+    ap.add_argument("--model", choices=("tinysd", "tinyflux"), default="tinysd")
+    ap.add_argument("--cfg", type=float, nargs="+", default=[5.0], help="guidance of the reconstructing branch")
+    ap.add_argument("--solver", nargs="+", default=["euler"], choices=sorted(RETRACING_SAMPLER),
+                    help="DDIMInvert's solvers to measure")
     ap.add_argument("--inner-steps", type=int, nargs="+", default=[2, 10],
                     help="null-text evaluations per step (each but the last followed by an Adam update)")
     ap.add_argument("--image", nargs="*", default=[],
@@ -83,27 +96,30 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1, help="null-text learning rate (TinySD's 64-wide embedding "
                     "needs more than the paper's 0.01 for SD)")
     args = ap.parse_args()
-    tiny = inproc.Tiny.load()
+    tiny = (inproc.Tiny.load() if args.model == "tinysd" else
+            inproc.Tiny.load("TinyFluxCheckpointLoader", scheduler=graphs.TINYFLUX_SCHEDULER))
     images, captions = synthetic_images(args.images)
     if args.image:
         from PIL import Image
         images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128), Image.LANCZOS),
                                       dtype=np.float32) / 255 for p in args.image])
         captions = [""] * len(images)
-    print(f"reconstruction of {len(images)} {'given' if args.image else 'synthetic'} images (TinySD, euler, cfg {args.cfg}); PSNR of the decoded "
-          "image in dB against the VAE round trip (mean, min; 99 = exact); time relative to one plain generation of the same steps")
-    for steps in args.steps:
+    for cfg, steps in ((c, s) for c in args.cfg for s in args.steps):
+        print(f"reconstruction of {len(images)} {'given' if args.image else 'synthetic'} images ({args.model}, "
+              f"{tiny.scheduler}, inversion at cfg 1, reconstruction at cfg {cfg}); PSNR of the decoded image in dB "
+              "against the VAE round trip (mean, min; 99 = exact); time relative to one plain generation of the same steps",
+              flush=True)
         rows: dict[str, list[tuple[float, float]]] = {}
         for img, cap in zip(images, captions):
-            for k, v in reconstruct(tiny, img, cap, steps, args.cfg, args.inner_steps, args.lr).items():
+            for k, v in reconstruct(tiny, img, cap, steps, cfg, args.inner_steps, args.lr, args.solver).items():
                 rows.setdefault(k, []).append(v)
         plain = np.mean([s for _, s in rows["plain generation"]])
         for k, v in rows.items():
             p = np.array([x for x, _ in v])
             ps = "" if np.isnan(p).all() else f"PSNR {np.mean(np.minimum(p, 99)):6.2f} dB (min {np.min(p):6.2f})  "
-            print(f"  {steps:3d} steps  {k:28s} {ps}time {np.mean([s for _, s in v]) / plain:5.2f}x")
-        ddim_s = np.mean([s for _, s in rows["ddim inversion only"]])
-        for inner in args.inner_steps:
+            print(f"  {steps:3d} steps  {k:28s} {ps}time {np.mean([s for _, s in v]) / plain:5.2f}x", flush=True)
+        ddim_s = np.mean([s for _, s in rows["ddim only"]])
+        for inner in args.inner_steps if cfg > 1 else ():
             ratio = np.mean([s for _, s in rows[f"null-text ({inner}) optimisation only"]]) / ddim_s
             print(f"  {steps:3d} steps  null-text ({inner} evals/step) optimisation / DDIM inversion: {ratio:.2f}x")
 

@@ -16,6 +16,11 @@ Inversions (graphs.REAL_INVERSIONS), each DDIMInvert at cfg 1 with the source pr
 - null-text: NullTextInversion's per-step negatives in both branches.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/eval_real.py --batch 12 --cfg 5 7
+    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_real.py --model tinyflux --batch 12 --cfg 4 --solver euler midpoint
+
+On TinyFlux (Flux's architecture) both branches sample with SamplerCustomAdvanced from DDIMInvert's
+noise, P2P is TinyFlux's schedule (graphs.TINYFLUX_P2P) and --solver adds DDIMInvert's second-order
+inversion ("midpoint") to the first-order one.
 """
 from __future__ import annotations
 
@@ -47,30 +52,33 @@ def real_images(case: edits.EditCase, seed: int, batch: int) -> np.ndarray:
     return np.stack([shapes.render(s) for s in specs])
 
 
-def branches(tiny: inproc.Tiny, inversion: str, source_prompt: str, latent: dict, null_opts: dict, cache: dict):
-    """(noise, negative of both branches, AttentionStore's inversion input, correct_target) for one
-    inversion kind of a batch of image latents (the DDIM inversion of a prompt is made once, in `cache`)."""
+def branches(tiny: inproc.Tiny, inversion: str, source_prompt: str, latent: dict, null_opts: dict, cache: dict,
+             solver: str = "euler"):
+    """(DDIMInvert's outputs, negative of both branches, AttentionStore's inversion input, correct_target)
+    for one inversion kind of a batch of image latents (the inversion of a prompt is made once, in `cache`)."""
     node, empty = tiny.node, tiny.encode("")
     pos = tiny.encode(source_prompt)
-    if source_prompt not in cache:
-        cache[source_prompt] = node("DDIMInvert").execute(tiny.model, pos, empty, latent, tiny.steps, tiny.scheduler,
-                                                          graphs.REAL_IMAGE["invert_cfg"]).result
-    noise, inv = cache[source_prompt]
+    if (source_prompt, solver) not in cache:
+        cache[(source_prompt, solver)] = node("DDIMInvert").execute(
+            tiny.model, pos, empty, latent, tiny.steps, tiny.scheduler, graphs.REAL_IMAGE["invert_cfg"], solver).result
+    inverted = cache[(source_prompt, solver)]
+    inv = inverted[1]
     if inversion == "ddim":
-        return noise, empty, None, False
+        return inverted, empty, None, False
     if inversion in ("direct", "direct without target correction"):
-        return noise, empty, inv, inversion == "direct"
+        return inverted, empty, inv, inversion == "direct"
     if inversion == "negative-prompt":
-        return noise, pos, None, False
+        return inverted, pos, None, False
     if inversion == "null-text":
         null = node("NullTextInversion").execute(tiny.model, inv, pos, empty, tiny.cfg, null_opts["inner_steps"],
                                                  null_opts["lr"], 1e-5).result[0]
-        return noise, null, None, False
+        return inverted, null, None, False
     raise ValueError(inversion)
 
 
 def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversions=graphs.REAL_INVERSIONS,
-        methods=METHODS, null_opts: dict | None = None) -> dict[tuple[str, str], list[dict]]:
+        methods=METHODS, null_opts: dict | None = None, solver: str = "euler",
+        p2p: dict = graphs.TINYSD_P2P) -> dict[tuple[str, str], list[dict]]:
     """(inversion, method) -> per-image measures (edits._measure plus the image's background)."""
     import shapes
 
@@ -82,20 +90,20 @@ def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversio
     tgt_pos = tiny.encode(case.target)
     s_words, _, t_words = case.blend_words.partition("|")
     out: dict[tuple[str, str], list[dict]] = {}
-    inverted, sources, seed_rows = {}, {}, None
+    made, sources, seed_rows = {}, {}, None
     for inversion in inversions:
         for prompt_kind in ("source", "empty"):
             wanted = [m for m in methods if (m == "FPE") == (prompt_kind == "empty")]
             if not wanted:
                 continue
             source_prompt = case.source if prompt_kind == "source" else ""
-            noise, negative, inv, correct = branches(tiny, inversion, source_prompt, latent, null_opts, inverted)
+            inverted, negative, inv, correct = branches(tiny, inversion, source_prompt, latent, null_opts, made, solver)
             key = (source_prompt, inversion)  # each its own store: an edit reads the store's run as it finished
             if key not in sources:
                 src_model, src_pos, store = node("AttentionStore").execute(
                     tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0, "model dtype", correct_target=correct,
                     inversion=inv, token_map_level=edits.BLEND["token_map_level"]).result
-                sources[key] = (store, tiny.sample_from(src_model, src_pos, noise, negative))
+                sources[key] = (store, tiny.sample_branch(src_model, src_pos, inverted, negative))
             store, source = sources[key]
             models = {}
             for m in wanted:
@@ -107,11 +115,11 @@ def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversio
                     models[m] = node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
                 else:
                     p2p = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target,
-                                                     word_schedules="", **graphs.TINYSD_P2P).result[0]
+                                                     word_schedules="", **p2p).result[0]
                     models[m] = p2p if m == "P2P" else node("P2PLocalBlend").execute(
                         p2p, s_words, t_words, edits.BLEND["threshold"], 0.2, "", edits.BLEND["dilate"]).result[0]
             for m, model in models.items():
-                edited = tiny.images(tiny.sample_from(model, tgt_pos, noise, negative))
+                edited = tiny.images(tiny.sample_branch(model, tgt_pos, inverted, negative))
                 out[(inversion, m)] = [dict(edits._measure(shapes, case, r, e), background=BACKGROUNDS[i % 3])
                                        for i, (r, e) in enumerate(zip(ref, edited))]
                 if m == "seed only" and inversion in PLAIN_NEGATIVE:
@@ -141,11 +149,16 @@ def main() -> None:
     ap.add_argument("--null-inner-steps", type=int, default=5)
     ap.add_argument("--null-lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1600)
+    ap.add_argument("--model", choices=("tinysd", "tinyflux"), default="tinysd")
+    ap.add_argument("--solver", nargs="+", default=["euler"], help="DDIMInvert's solvers (euler, midpoint)")
     args = ap.parse_args()
     kinds, methods = args.kinds.split(","), tuple(args.methods.split(","))
     inversions = tuple(args.inversions.split(","))
     null_opts = {"inner_steps": args.null_inner_steps, "lr": args.null_lr}
-    print(f"Real-image edits on TinySD: rendered images on white/black/gray backgrounds the prompts do not name, "
+    flux = args.model == "tinyflux"
+    if flux and args.scheduler == [graphs.REAL_IMAGE["scheduler"]]:
+        args.scheduler = [graphs.TINYFLUX_SCHEDULER]
+    print(f"Real-image edits on {'TinyFlux' if flux else 'TinySD'}: rendered images on white/black/gray backgrounds the prompts do not name, "
           f"{args.batch} x 2 prompt pairs per kind, {args.steps} {args.sampler} steps ({', '.join(args.scheduler)}); DDIMInvert "
           f"cfg {graphs.REAL_IMAGE['invert_cfg']}; null-text {args.null_inner_steps} evals/step, lr {args.null_lr}. "
           "bg PSNR: median dB outside both masks against the image (per background: W/B/G)", flush=True)
@@ -155,15 +168,18 @@ def main() -> None:
     for scheduler, cfg in ((sch, c) for sch in args.scheduler for c in args.cfg):
         if len(args.scheduler) > 1:
             print(f"scheduler {scheduler}", flush=True)
-        tiny = inproc.Tiny.load(steps=args.steps, cfg=cfg, sampler=args.sampler, scheduler=scheduler)
-        for kind in kinds:
+        tiny = inproc.Tiny.load("TinyFluxCheckpointLoader" if flux else "TinySDCheckpointLoader", steps=args.steps,
+                                cfg=cfg, sampler=args.sampler, scheduler=scheduler)
+        for kind, solver in ((k, s) for k in kinds for s in args.solver):
             results: dict[tuple[str, str], list[dict]] = defaultdict(list)
             for i, case in enumerate(edits.CASES):
                 if case.kind == kind:
-                    for key, rows in run(tiny, case, args.seed + i, args.batch, inversions, methods, null_opts).items():
+                    for key, rows in run(tiny, case, args.seed + i, args.batch, inversions, methods, null_opts, solver,
+                                         graphs.TINYFLUX_P2P if flux else graphs.TINYSD_P2P).items():
                         results[key] += rows
             for (inversion, method), rows in results.items():
                 s = summary(rows)
+                inversion = inversion if solver == "euler" else f"{inversion} ({solver})"
                 print(f"{cfg:4.1f} {kind:7s} {inversion:32s} {method:18s} {s['n']:3d} {s['success']:7.2f} {s['iou']:5.2f} "
                       f"{s['shift']:5.1f} {s['psnr_bg']:7.1f} {s['white']:5.1f} {s['black']:5.1f} {s['gray']:5.1f}",
                       flush=True)

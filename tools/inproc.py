@@ -74,6 +74,31 @@ class Tiny:
         return nodes.common_ksampler(model, 0, opts["steps"], opts["cfg"], opts["sampler"], opts["scheduler"],
                                      positive, negative, latent, disable_noise=True, force_full_denoise=True)[0]
 
+    @property
+    def flow(self) -> bool:
+        """A flow-matching model (TinyFlux, Flux, SD3): its branches need DDIMInvert's noise."""
+        import comfy.model_sampling
+        return isinstance(self.model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+    def sample_branch(self, model, positive, inverted: tuple, negative=None, **kw) -> dict:
+        """A branch of a real-image edit from DDIMInvert's outputs, as the workflows wire it:
+        KSamplerAdvanced (add_noise disabled) for UNets, SamplerCustomAdvanced for flow models."""
+        if self.flow:
+            return self.sample_inverted(model, positive, inverted, negative, **kw)
+        return self.sample_from(model, positive, inverted[0], negative, **kw)
+
+    def sample_inverted(self, model, positive, inverted: tuple, negative=None, **kw) -> dict:
+        """SamplerCustomAdvanced from DDIMInvert's (LATENT, inversion, noise): the branch of a real-image
+        edit as the flow-model workflows wire it (CFGGuider, KSamplerSelect, BasicScheduler)."""
+        latent, _, noise = inverted
+        negative = negative if negative is not None else self.encode("")
+        opts = dict(steps=self.steps, cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler) | kw
+        node = self.node
+        guider = node("CFGGuider").execute(model, positive, negative, opts["cfg"]).result[0]
+        sampler = node("KSamplerSelect").execute(opts["sampler"]).result[0]
+        sigmas = node("BasicScheduler").execute(model, opts["scheduler"], opts["steps"], 1.0).result[0]
+        return node("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, latent).result[0]
+
     def encode_images(self, images: np.ndarray) -> dict:
         """NxHxWx3 images in [0, 1] through the VAE, as VAEEncode does."""
         with torch.no_grad():

@@ -68,7 +68,8 @@ def _node_info(nodes_module, node_class: str) -> dict:
     return info
 
 
-CORE_EXTRAS = ("nodes_primitive.py",)  # ComfyUI's comfy_extras the examples use (PrimitiveInt, ...)
+CORE_EXTRAS = ("nodes_primitive.py", "nodes_custom_sampler.py")  # ComfyUI's comfy_extras the examples use
+# (PrimitiveInt, ...; SamplerCustomAdvanced and its guider, sampler and scheduler nodes for flow models)
 
 
 def load_core_extras(nodes_module, comfyui: pathlib.Path) -> None:
