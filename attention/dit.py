@@ -18,7 +18,7 @@ import torch
 
 from .controllers import LayerPatch, Recorder, Shared, chunks
 from .inject import run_jobs
-from .joint import JOINT_LAYOUT, attention_with_text_mass, image_rows, join_heads, without_text_values
+from .joint import JOINT_LAYOUT, image_block, image_rows, join_heads
 from .layers import AttentionLayer
 from .record import RecordError
 
@@ -85,8 +85,8 @@ class JointPatch(Shared):
         # the image rows are m X + B: X the text block's distribution (P2P-edited, or the target's own),
         # (B, m) the image block and the text mass it leaves (the source's when injected, else the target's)
         x = run_jobs([cross_jobs], heads, attend)[0] if cross_jobs else attend(qi, kt, vt, heads)
-        ((q_b, k_b, v_b),) = self_jobs or [(qi, k, without_text_values(v, text))]
-        block, mass = attention_with_text_mass(q_b, k_b, v_b, heads, text)
+        ((q_b, k_b, v_image),) = self_jobs or [(qi, k, v[:, text:])]
+        block, mass = image_block(q_b, k_b, v_image, heads)
         return torch.cat([attend(q[:, :text], k, v, heads), image_rows(x, block, mass)], 1)
 
     def plain(self, func, *args, **kwargs):
@@ -119,12 +119,12 @@ class JointPatch(Shared):
         extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
         ctl = self.controller
         # the image->text part as a cross-attention; the image->image part as the image queries over the
-        # whole sequence with the text's values zeroed (its output is the row's image block, joint.py)
+        # whole sequence, on the image values (its output is the row's image block and text mass, joint.py)
         qi, parts = q[:, text:], []
         if cross is not None:
             parts.append((cross, qi, k[:, :text], v[:, :text]))
         if own is not None:
-            parts.append((own, qi, k, without_text_values(v, text)))
+            parts.append((own, qi, k, v[:, text:]))
         if isinstance(ctl, Recorder):
             for p, qp, kp, _ in parts:
                 ctl.record_attention(p, qp, kp, extra)

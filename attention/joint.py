@@ -65,8 +65,11 @@ def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tenso
     return mass * cross + image_block
 
 
-def without_text_values(v: torch.Tensor, text_tokens: int) -> torch.Tensor:
-    """The values with the text keys' zeroed: attending with them gives a row's image block B."""
-    out = v.clone()
-    out[:, :text_tokens] = 0
-    return out
+def image_block(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, m) of image queries q over a joint sequence k = [text; image]: the rows' image block (their
+    attention to the image keys on the values v_image) and their text mass. The text count is what k
+    holds beyond the image values, so the source's sequence serves an injection into a target whose
+    prompt has another length: the source's map and mass, the target's image values."""
+    text = k.shape[1] - v_image.shape[1]
+    v = torch.cat([v_image.new_zeros(v_image.shape[0], text, v_image.shape[2]), v_image], 1)
+    return attention_with_text_mass(q, k, v, heads, text)

@@ -11,7 +11,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from attention.inject import sdpa  # noqa: E402
-from attention.joint import attention_with_text_mass, image_rows, without_text_values  # noqa: E402
+from attention.joint import attention_with_text_mass, image_block, image_rows  # noqa: E402
 
 B, T, N, H, D = 2, 7, 10, 4, 8
 # float32 rounding of a softmax over 17 keys and its recombination: measured up to 2.9e-6 on
@@ -43,7 +43,7 @@ def test_blocks_recombine_to_the_joint_attention():
         out, mass = attention_with_text_mass(q, k, v, H, T)
         qi = q[:, T:]
         x = sdpa(qi, k[:, :T], v[:, :T], H)
-        block, block_mass = attention_with_text_mass(qi, k, without_text_values(v, T), H, T)
+        block, block_mass = image_block(qi, k, v[:, T:], H)
         joint = sdpa(q, k, v, H)[:, T:]
         assert (block_mass - mass[:, T:]).abs().max() < TOL
         assert (image_rows(x, block, block_mass) - joint).abs().max() < TOL
@@ -56,11 +56,28 @@ def test_an_injected_image_block_brings_its_mass_and_the_text_takes_the_rest():
     q2, k2, _ = qkv(1)
     out, mass = attention_with_text_mass(q, k, v, H, T)
     x = sdpa(q[:, T:], k[:, :T], v[:, :T], H)
-    block, m_src = attention_with_text_mass(q2[:, T:], k2, without_text_values(v, T), H, T)
+    block, m_src = image_block(q2[:, T:], k2, v[:, T:], H)
     edited = image_rows(x, block, m_src)
     assert (edited - out[:, T:]).abs().max() > 100 * TOL
     assert (m_src - mass[:, T:]).abs().max() > 0.01  # the source's own text mass
     ones = torch.ones_like(v)
     total = image_rows(sdpa(q[:, T:], k[:, :T], ones[:, :T], H),
-                           attention_with_text_mass(q2[:, T:], k2, without_text_values(ones, T), H, T)[0], m_src)
+                           image_block(q2[:, T:], k2, ones[:, T:], H)[0], m_src)
     assert (total - 1).abs().max() < TOL
+
+
+def test_a_source_prompt_of_another_length_injects_its_image_block():
+    """FPE with an empty source prompt (1 text token) into a 5-token target: the source's image block
+    and mass over its own sequence, the target's image values; every row still sums to one."""
+    q, k, v = qkv(0)
+    g = torch.Generator().manual_seed(7)
+    short = 1
+    k_src = torch.cat([torch.randn(k.shape[0], short, k.shape[2], generator=g), k[:, T:]], 1)
+    q_src = torch.randn(q.shape[0], q.shape[1] - T, q.shape[2], generator=g)
+    ones = torch.ones_like(v)
+    block, mass = image_block(q_src, k_src, ones[:, T:], H)
+    total = image_rows(sdpa(q[:, T:], k[:, :T], ones[:, :T], H), block, mass)
+    assert torch.isfinite(total).all() and (total - 1).abs().max() < TOL
+    # the mass is the source's own: its image-only attention equals the short sequence's joint rows
+    full, full_mass = attention_with_text_mass(q_src, k_src, torch.cat([torch.zeros_like(ones[:, :short]), ones[:, T:]], 1), H, short)
+    assert torch.equal(block, full) and torch.equal(mass, full_mass)

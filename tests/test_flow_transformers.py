@@ -2,7 +2,8 @@
 configs at their real depth, random weights, reduced width; see tools/random_models.py) with
 ComfyUI's own Flux/SD3 tokenizers. The pack's nodes address every joint-attention block, record
 the image->text and image->image parts of each, and injecting a sample's own attention into
-itself reproduces the plain sample, with euler and with a second-order sampler."""
+itself reproduces the plain sample, with euler and with a second-order sampler. Real images: the
+flow ODE inverted (first and second order) and reconstructed exactly by direct inversion."""
 from __future__ import annotations
 
 import sys
@@ -107,12 +108,62 @@ def test_injecting_own_attention_reproduces_the_plain_sample(dit, comfy_nodes, s
     assert (swapped - other).abs().max() > 20 * tol and (swapped - plain).abs().max() > 20 * tol
 
 
-def test_real_images_are_refused_with_a_clear_message(dit, comfy_nodes):
-    """DDIMInvert walks eps-prediction sampling backwards; flow models are refused by name."""
+def branch(comfy_nodes, model, positive, negative, inverted, sampler="euler", cfg=3.0):
+    """SamplerCustomAdvanced from DDIMInvert's (LATENT, inversion, noise), as the flow workflows wire it."""
+    guider = comfy_nodes["CFGGuider"].execute(model, positive, negative, cfg).result[0]
+    sigmas = comfy_nodes["BasicScheduler"].execute(model, "normal", STEPS, 1.0).result[0]
+    sampler = comfy_nodes["KSamplerSelect"].execute(sampler).result[0]
+    return comfy_nodes["SamplerCustomAdvanced"].execute(inverted[2], guider, sampler, sigmas, inverted[0]).result[0]["samples"]
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_real_image_inversion_and_direct_reconstruction(dit, comfy_nodes, solver):
+    """DDIMInvert walks the flow ODE back from an image latent to sigma 1 (the trajectory ends at the
+    image), and the source branch re-anchored to it (direct inversion) gives the image back exactly,
+    while the target branch (FPE, another prompt) samples an edit from the same inverted noise."""
     kind, model, clip = dit
+    pos, neg = encode(clip, "a red cat"), encode(clip, "")
+    image = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    inverted = comfy_nodes["DDIMInvert"].execute(model, pos, neg, {"samples": image}, STEPS, "normal", 1.0,
+                                                 solver).result
+    inv = inverted[1]
+    assert inv.latents.shape[0] == STEPS + 1 and inv.solver == solver
+    model_space = model.model.process_latent_in(image)
+    assert torch.equal(inv.latents[-1], model_space)
+    assert (inv.latents[0] - model_space).abs().max() > 0.5  # walked to the noise end
+    m, src_pos, store = comfy_nodes["AttentionStore"].execute(model, clip, "a red cat", 1.0, "all", 1.0,
+                                                              "model dtype", inversion=inv).result
+    source = branch(comfy_nodes, m, src_pos, neg, inverted)
+    # exact up to the latent format's scaling there and back (float32 rounding of a few ulps)
+    assert (source - image).abs().max() < 1e-5 * float(image.abs().max())
+    edited_model = comfy_nodes["FPESelfAttnInject"].execute(model, store, {"samples": source}, "all", 1.0).result[0]
+    edited = branch(comfy_nodes, edited_model, encode(clip, "a dog riding a bicycle"), neg, inverted)
+    assert (edited - image).abs().max() > 1e-2
+
+
+def test_flow_branches_must_start_from_the_inverted_noise(dit, comfy_nodes):
+    """KSamplerAdvanced with add_noise off starts a flow model at (1 - sigma) x latent, 0 at sigma 1:
+    the branch is refused with the wiring that works."""
+    import nodes
+    kind, model, clip = dit
+    pos, neg = encode(clip, "a red cat"), encode(clip, "")
+    image = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    latent, inv, _ = comfy_nodes["DDIMInvert"].execute(model, pos, neg, {"samples": image}, STEPS, "normal", 1.0).result
+    m, src_pos, _ = comfy_nodes["AttentionStore"].execute(model, clip, "a red cat", 1.0, "all", 1.0, "model dtype",
+                                                          inversion=inv).result
+    with pytest.raises(Exception, match="flow model.*SamplerCustomAdvanced, noise = DDIMInvert's noise"):
+        nodes.common_ksampler(m, 0, STEPS, 3.0, "euler", "normal", src_pos, neg, latent, disable_noise=True)
+
+
+def test_null_text_inversion_is_refused_on_distilled_guidance(comfy_nodes):
+    """Flux.1-dev's guidance is an input (sampled at cfg 1): there is no negative branch to optimise."""
+    import random_models
+    model, clip = random_models.build("flux_small")
     pos = encode(clip, "a cat")
-    with pytest.raises(ValueError, match="DDIMInvert: input 'model': .*flow-matching model"):
-        comfy_nodes["DDIMInvert"].execute(model, pos, pos, {"samples": torch.zeros(1, 16, 16, 16)}, 3, "normal", 1.0)
+    _, inv, _ = comfy_nodes["DDIMInvert"].execute(model, pos, pos, {"samples": torch.zeros(1, 16, 16, 16)}, 2,
+                                                  "normal", 1.0).result
+    with pytest.raises(ValueError, match="NullTextInversion: input 'model': .*distilled guidance.*direct inversion"):
+        comfy_nodes["NullTextInversion"].execute(model, inv, pos, pos, 3.5, 2, 0.01, 1e-5)
 
 
 def test_local_blend_and_map_preview_on_joint_attention(dit, comfy_nodes):

@@ -20,6 +20,7 @@ API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): (".safetensors", ".ckpt"), ("LoadImage", "image"): (".png",)}
 SD15_CHECKPOINT, SDXL_CHECKPOINT = "v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"
 FLOW_CHECKPOINTS = ("flux1-dev-fp8.safetensors", "sd3.5_large_fp8_scaled.safetensors")
+SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced")
 
 
 def rel(path: pathlib.Path) -> str:
@@ -39,7 +40,7 @@ def test_the_expected_workflows_are_there():
     expected = set(mw.example_graphs())
     assert {rel(p) for p in UI_FILES} >= expected
     assert {rel(p) for p in API_FILES} >= {mw.api_path(r) for r in expected}
-    assert len(expected) == 21
+    assert len(expected) == 29
     top = {rel(p) for p in UI_FILES if p.parent == WORKFLOWS}
     assert top == {f"{t}.json" for t in mw.TITLES.values()}, "top-level workflows are titled (the templates browser shows the name)"
     for name in top:  # the templates browser shows <name>.jpg beside each one
@@ -63,14 +64,16 @@ def test_top_level_examples_guide_the_user(path):
     assert notes and "What to change" in notes[0]["widgets_values"][0]
     groups = {g["title"].split(":")[0]: g["bounding"] for g in wf["groups"]}
     assert {"Source branch", "Target branch"} <= set(groups)
-    samplers = [n for n in wf["nodes"] if n["type"] in ("KSampler", "KSamplerAdvanced")]
+    samplers = [n for n in wf["nodes"] if n["type"] in SAMPLERS]
+    assert len(samplers) == 2
     for sampler in samplers:
         x, y, w, h = groups["Source branch" if "source" in sampler["title"] else "Target branch"]
         assert x <= sampler["pos"][0] < x + w and y <= sampler["pos"][1] < y + h, sampler["title"]
     links = {link[0]: link for link in wf["links"]}
     by_id = {n["id"]: n for n in wf["nodes"]}
+    settings = [n for n in wf["nodes"] if n["type"] in SAMPLERS + ("CFGGuider", "BasicScheduler")]
     for name in ("steps", "cfg") + (("seed",) if samplers[0]["type"] == "KSampler" else ()):
-        sources = {by_id[links[i["link"]][1]]["type"] + str(links[i["link"]][1]) for s in samplers
+        sources = {by_id[links[i["link"]][1]]["type"] + str(links[i["link"]][1]) for s in settings
                    for i in s["inputs"] if i["name"] == name and i.get("link") is not None}
         assert len(sources) == 1 and "Primitive" in next(iter(sources)), (name, sources)
     loader = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
@@ -177,10 +180,15 @@ def test_ui_to_api_round_trip_equals_the_api_file(path, object_info):
 @pytest.mark.parametrize("path", [p for p in UI_FILES if rel(p) in mw.example_graphs()], ids=rel)
 def test_examples_sample_both_branches_alike(path, object_info):
     api = load(WORKFLOWS / mw.api_path(rel(path)))
-    samplers = [n for n in api.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
+    samplers = [n for n in api.values() if n["class_type"] in SAMPLERS]
     assert len(samplers) == 2
-    settings = [{k: v for k, v in s["inputs"].items() if k not in ("model", "positive")} for s in samplers]
+    settings = [{k: v for k, v in s["inputs"].items() if k not in ("model", "positive", "guider")} for s in samplers]
     assert settings[0] == settings[1], "source and target must use the same seed, latent, negative and settings"
+    guiders = [api[s["inputs"]["guider"][0]]["inputs"] for s in samplers if "guider" in s["inputs"]]
+    if guiders:  # SamplerCustomAdvanced (flow models): DDIMInvert's noise, one guidance and negative
+        assert api[samplers[0]["inputs"]["noise"][0]]["class_type"] == "DDIMInvert"
+        assert [{k: g[k] for k in ("negative", "cfg")} for g in guiders][0] == {k: guiders[1][k] for k in ("negative", "cfg")}
+        return
     saves = sorted(n["inputs"]["filename_prefix"] for n in api.values() if n["class_type"] == "SaveImage")
     assert saves == ["p2p/edited", "p2p/source"]
     seed_at = {"KSampler": 0, "KSamplerAdvanced": 1}  # KSamplerAdvanced: add_noise, noise_seed, control
@@ -274,7 +282,7 @@ def output_dir(tmp_path, comfy_nodes):
         folder_paths.set_output_directory(before)
 
 
-@pytest.mark.parametrize("path", [p for p in API_FILES if p.stem.endswith("_tinysd")], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in API_FILES if p.stem.endswith(("_tinysd", "_tinyflux"))], ids=lambda p: p.name)
 def test_demo_graph_executes(path, output_dir, input_dir):
     import execution
 

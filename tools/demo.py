@@ -44,6 +44,8 @@ DEMOS = {
 REAL_DEMOS = {
     "real_fpe": ("workflows/api/real_fpe_tinysd.json", "a blue circle (FPE, inverted image)"),
     "real_p2p_blend": ("workflows/api/real_p2p_local_blend_tinysd.json", "a blue circle (P2P + blend, inverted)"),
+    "flux_real_fpe": ("workflows/api/real_fpe_tinyflux.json", "a blue circle (FPE, inverted image)"),
+    "flux_real_p2p_blend": ("workflows/api/real_p2p_local_blend_tinyflux.json", "a blue circle (P2P + blend, inverted)"),
 }
 # TinyFlux (Flux's architecture): name -> (edit, source prompt, target prompt, edit-node inputs, blend)
 FLUX_DEMOS = {
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loader = graphs.checkpoint_loader(args.ckpt) if args.ckpt else graphs.TINYSD
     names = args.only or list(DEMOS) + ([] if args.ckpt else list(REAL_DEMOS) + list(FLUX_DEMOS))
+    names = sorted(names, key=lambda n: n.startswith("flux_"))  # TinySD's, then TinyFlux's (the grids' order)
     server_mod = comfyui_env.server_module()
     workdir = tempfile.mkdtemp(prefix="attn-edit-demo-")
     server = server_mod.ComfyServer(workdir)
@@ -184,8 +187,8 @@ def main(argv=None) -> int:
                 print(f"  wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
             results[name] = pair
             print(f"  {name}: -> {titles[name]!r} ({time.perf_counter() - t:.1f} s)", flush=True)
-        for sheet_name, members in (("demo_grid.png", [n for n in results if n not in FLUX_DEMOS]),
-                                    ("demo_grid_flux.png", [n for n in results if n in FLUX_DEMOS])):
+        for sheet_name, members in (("demo_grid.png", [n for n in results if not n.startswith("flux_")]),
+                                    ("demo_grid_flux.png", [n for n in results if n.startswith("flux_")])):
             if members:
                 cols = [(n.removeprefix("flux_"), titles[n]) for n in members]
                 sheet = grid([("source", [results[n][0] for n in members]), ("edited", [results[n][1] for n in members])],

@@ -78,7 +78,7 @@ def branches(tiny: inproc.Tiny, inversion: str, source_prompt: str, latent: dict
 
 def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversions=graphs.REAL_INVERSIONS,
         methods=METHODS, null_opts: dict | None = None, solver: str = "euler",
-        p2p: dict = graphs.TINYSD_P2P) -> dict[tuple[str, str], list[dict]]:
+        p2p_settings: dict = graphs.TINYSD_P2P) -> dict[tuple[str, str], list[dict]]:
     """(inversion, method) -> per-image measures (edits._measure plus the image's background)."""
     import shapes
 
@@ -115,7 +115,7 @@ def run(tiny: inproc.Tiny, case: edits.EditCase, seed: int, batch: int, inversio
                     models[m] = node("FPESelfAttnInject").execute(tiny.model, store, source, "fpe", 1.0).result[0]
                 else:
                     p2p = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target,
-                                                     word_schedules="", **p2p).result[0]
+                                                     word_schedules="", **p2p_settings).result[0]
                     models[m] = p2p if m == "P2P" else node("P2PLocalBlend").execute(
                         p2p, s_words, t_words, edits.BLEND["threshold"], 0.2, "", edits.BLEND["dilate"]).result[0]
             for m, model in models.items():

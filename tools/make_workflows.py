@@ -376,9 +376,12 @@ SD15 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name
 SDXL = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": graphs.SDXL_CHECKPOINT}},
         "name": "SDXL", **graphs.SDXL_SETTINGS}
 FLUX = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": graphs.FLUX_CHECKPOINT}},
-        "name": "Flux.1-dev", **graphs.FLUX_SETTINGS}
+        "name": "Flux.1-dev", "flow": True, **graphs.FLUX_SETTINGS}
 SD35 = {"loader": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": graphs.SD35_CHECKPOINT}},
-        "name": "SD3.5", **graphs.SD35_SETTINGS}
+        "name": "SD3.5", "flow": True, **graphs.SD35_SETTINGS}
+TINYFLUX = {"loader": graphs.TINYFLUX, "name": "TinyFlux", "flow": True, "size": 128, "steps": 20,
+            "cfg": graphs.TINYFLUX_CFG, "seed": 42, "scheduler": graphs.TINYFLUX_SCHEDULER, "p2p": graphs.TINYFLUX_P2P,
+            "blend": {"threshold": 0.5, "dilate": 0}}
 TINYSD = {"loader": {"class_type": "TinySDCheckpointLoader", "inputs": {}}, "name": "TinySD",
           "size": 128, "steps": 20, "cfg": 5.0, "seed": 42,
           # TinySD's colour words localise at 8x8 (level 1), not at P2P's 16x16; its shape nouns do not.
@@ -406,11 +409,13 @@ SDXL_EXAMPLES = {  # name -> (edit, prompts): SDXL versions of the generated-ima
     "p2p_replace": ("replace", {"source": "a photo of a cat riding a bicycle", "target": "a photo of a cat riding a car"}),
     "fpe": ("fpe", {"source": "a photo of a cat riding a bicycle", "target": "a photo of a dog riding a bicycle"}),
 }
-FLOW_EXAMPLES = {  # name -> (edit, prompts): the flow transformers' versions of the generated-image edits
+FLOW_EXAMPLES = {  # name -> (edit, prompts, tinyflux prompts): the flow transformers' generated-image edits
     "p2p_replace": ("replace", {"source": "a photo of a cat riding a bicycle in a park",
-                                "target": "a photo of a cat riding a motorcycle in a park"}),
+                                "target": "a photo of a cat riding a motorcycle in a park"},
+                    {"source": "a red circle", "target": "a blue circle"}),
     "fpe": ("fpe", {"source": "a photo of a cat riding a bicycle in a park",
-                    "target": "a photo of a fox riding a bicycle in a park"}),
+                    "target": "a photo of a fox riding a bicycle in a park"},
+            {"source": "a red circle", "target": "a blue circle"}),
 }
 
 # Titles of the top-level workflows: ComfyUI's templates browser shows the file name as the title.
@@ -429,6 +434,10 @@ TITLES = {
     "fpe_flux": "Free-Prompt-Editing (Flux.1-dev)",
     "p2p_replace_sd35": "Prompt-to-Prompt word swap (SD3.5)",
     "fpe_sd35": "Free-Prompt-Editing (SD3.5)",
+    "real_fpe_flux": "Edit a real image - Free-Prompt-Editing (Flux.1-dev)",
+    "real_p2p_local_blend_flux": "Edit a real image - Prompt-to-Prompt local blend (Flux.1-dev)",
+    "real_fpe_sd35": "Edit a real image - Free-Prompt-Editing (SD3.5)",
+    "real_p2p_local_blend_sd35": "Edit a real image - Prompt-to-Prompt local blend (SD3.5)",
 }
 # The demo output (tools/demo.py, out/demo/<name>_{source,edited}.png) each top-level workflow's thumbnail shows.
 THUMBNAIL_DEMO = {"p2p_replace": "replace_color", "p2p_refine": "refine_background", "p2p_reweight": "reweight",
@@ -483,7 +492,7 @@ def _settings(g: _Graph, model: dict, seed: bool = True) -> dict:
 def _model_hint(model: dict) -> str:
     ckpt = model["loader"]["inputs"].get("ckpt_name")
     if ckpt is None:
-        return "The demo model (TinySD) ships with the pack's repository; nothing to download."
+        return f"The demo model ({model['name']}) ships with the pack's repository; nothing to download."
     hint = (f"**Checkpoint:** any {model['name']} checkpoint (`{ckpt}` is the one this example names; "
             f"the frontend offers its download).")
     if model["name"] == "Flux.1-dev":
@@ -529,7 +538,7 @@ def edit_graph(edit: str, prompts: dict, model: dict) -> _Graph:
     store = g.add("AttentionStore", at=("source", 0), model=[loader, 0], clip=[loader, 1],
                   source_prompt=prompts["source"], **model.get("store", {}))
     sampling = dict(seed=shared["seed"], steps=shared["steps"], cfg=shared["cfg"], sampler_name="euler",
-                    scheduler="normal", denoise=1.0)
+                    scheduler=model.get("scheduler", "normal"), denoise=1.0)
     source = g.add("KSampler", "KSampler (source)", at=("source", 1), model=[store, 0], positive=[store, 1],
                    negative=[negative, 0], latent_image=[latent, 0], **sampling)
     decoded = g.add("VAEDecode", "VAE Decode (source)", at=("source", 1), samples=[source, 0], vae=[loader, 2])
@@ -587,13 +596,23 @@ def _real_note(edit: str, model: dict) -> str:
                  "the image; it costs an optimisation per step (`inner_steps`)." if edit == "null_text" else
                  "**Direct inversion:** the source branch is re-anchored to the inversion at every step, so it "
                  "gives back the image exactly.")
+    if model.get("flow"):
+        inversion += (" DDIM Invert walks the flow backwards (`solver` midpoint: second order, twice the model "
+                      "calls, a closer noise for the target branch).")
+        if model["name"] == "Flux.1-dev":
+            inversion += (" Flux.1-dev's guidance is distilled (cfg 1): null-text and negative-prompt inversion "
+                          "need a negative branch and do not apply; direct inversion does.")
+    sampling = ("both SamplerCustomAdvanced nodes take DDIM Invert's **noise** and LATENT, one sampler (*euler*) "
+                "and one scheduler (DDIM Invert's steps and scheduler); a flow model cannot start from the LATENT "
+                "with KSamplerAdvanced." if model.get("flow") else
+                "both KSamplers keep add_noise *disable*, sampler *euler* and DDIM Invert's scheduler.")
     return "\n\n".join([
         f"## Edit a real image ({model['name']})",
         "DDIM Invert turns the image into the noise it would be sampled from; the **source branch** (blue) "
         "samples that noise back into the image and records its attention, the **target branch** (green) "
         "samples it with the edit.", prompts, inversion, _model_hint(model),
         "**Both branches and the inversion must sample alike:** steps and cfg come from the nodes on the right; "
-        "both KSamplers keep add_noise *disable*, sampler *euler* and DDIM Invert's scheduler."])
+        + sampling])
 
 
 def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
@@ -616,8 +635,9 @@ def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
                            value=prompts["source"]), 0]
     source_text = g.add("CLIPTextEncode", "Source prompt (inversion)", at=("inversion", 2), text=source_prompt,
                         clip=[loader, 1])
+    scheduler = model.get("scheduler", "normal")
     invert = g.add("DDIMInvert", at=("inversion", 2), model=[loader, 0], positive=[source_text, 0],
-                   negative=[negative, 0], latent=[latent, 0], steps=shared["steps"], scheduler="normal", cfg=1.0)
+                   negative=[negative, 0], latent=[latent, 0], steps=shared["steps"], scheduler=scheduler, cfg=1.0)
     branch_negative = [negative, 0]
     store_inputs = {"inversion": [invert, 1]}
     if edit == "null_text":
@@ -627,10 +647,8 @@ def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
         store_inputs = {}
     store = g.add("AttentionStore", at=("source", 0), model=[loader, 0], clip=[loader, 1], source_prompt=source_prompt,
                   **store_inputs, **model.get("store", {}))
-    sampling = dict(add_noise="disable", noise_seed=0, steps=shared["steps"], cfg=shared["cfg"], sampler_name="euler",
-                    scheduler="normal", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
-    source = g.add("KSamplerAdvanced", "KSampler (source: reconstruction)", at=("source", 1), model=[store, 0],
-                   positive=[store, 1], negative=branch_negative, latent_image=[invert, 0], **sampling)
+    sample = _branch_sampler(g, model, shared, loader, invert, branch_negative, scheduler)
+    source = sample("source", "source: reconstruction", [store, 0], [store, 1])
     decoded = g.add("VAEDecode", "VAE Decode (source)", at=("source", 1), samples=[source, 0], vae=[loader, 2])
     g.add("SaveImage", "Save Image (source)", at=("source", 2), images=[decoded, 0], filename_prefix="p2p/source")
     link = dict(model=[loader, 0], store=[store, 2], source_latent=[source, 0])
@@ -645,11 +663,33 @@ def real_graph(edit: str, prompts: dict, model: dict) -> _Graph:
         edited_model = [g.add("P2PLocalBlend", at=("target", 0), model=[edit_id, 0],
                               source_words=prompts["source_words"], target_words=prompts["target_words"],
                               **model.get("blend", {})), 0]
-    target = g.add("KSamplerAdvanced", "KSampler (edited)", at=("target", 1), model=edited_model, positive=positive,
-                   negative=branch_negative, latent_image=[invert, 0], **sampling)
+    target = sample("target", "edited", edited_model, positive)
     decoded = g.add("VAEDecode", "VAE Decode (edited)", at=("target", 1), samples=[target, 0], vae=[loader, 2])
     g.add("SaveImage", "Save Image (edited)", at=("target", 2), images=[decoded, 0], filename_prefix="p2p/edited")
     return g
+
+
+def _branch_sampler(g: _Graph, model: dict, shared: dict, loader: str, invert: str, negative: list, scheduler: str):
+    """The sampler of a real-image branch, from DDIMInvert's outputs. UNets: KSamplerAdvanced from the LATENT
+    with add_noise disabled. Flow models: SamplerCustomAdvanced with DDIMInvert's noise (KSamplerAdvanced would
+    start a flow at (1 - sigma) x latent), each branch its CFGGuider, one sampler and scheduler for both."""
+    if not model.get("flow"):
+        sampling = dict(add_noise="disable", noise_seed=0, steps=shared["steps"], cfg=shared["cfg"],
+                        sampler_name="euler", scheduler=scheduler, start_at_step=0, end_at_step=10000,
+                        return_with_leftover_noise="disable")
+        return lambda group, title, m, positive: g.add("KSamplerAdvanced", f"KSampler ({title})", at=(group, 1),
+                                                        model=m, positive=positive, negative=negative,
+                                                        latent_image=[invert, 0], **sampling)
+    sampler = g.add("KSamplerSelect", "Sampler (both branches)", at=("shared", 2), sampler_name="euler")
+    sigmas = g.add("BasicScheduler", "Scheduler (both branches)", at=("shared", 2), model=[loader, 0],
+                   scheduler=scheduler, steps=shared["steps"], denoise=1.0)
+
+    def sample(group, title, m, positive):
+        guider = g.add("CFGGuider", f"CFG Guider ({group})", at=(group, 1), model=m, positive=positive,
+                       negative=negative, cfg=shared["cfg"])
+        return g.add("SamplerCustomAdvanced", f"SamplerCustomAdvanced ({title})", at=(group, 1), noise=[invert, 2],
+                     guider=[guider, 0], sampler=[sampler, 0], sigmas=[sigmas, 0], latent_image=[invert, 0])
+    return sample
 
 
 def ui_name(slug: str) -> str:
@@ -670,9 +710,14 @@ def examples() -> dict[str, _Graph]:
         out[f"{ui_name(name + '_sdxl')}.json"] = edit_graph(edit, prompts, SDXL)
     for name, (edit, prompts) in SDXL_REAL_EXAMPLES.items():
         out[f"{ui_name(name + '_sdxl')}.json"] = real_graph(edit, prompts, SDXL)
-    for name, (edit, prompts) in FLOW_EXAMPLES.items():
+    for name, (edit, prompts, tiny) in FLOW_EXAMPLES.items():
         out[f"{ui_name(name + '_flux')}.json"] = edit_graph(edit, prompts, FLUX)
         out[f"{ui_name(name + '_sd35')}.json"] = edit_graph(edit, prompts, SD35)
+        out[f"demo/{name}_tinyflux.json"] = edit_graph(edit, tiny, TINYFLUX)
+    for name, (edit, prompts, tiny) in REAL_EXAMPLES.items():
+        out[f"{ui_name(name + '_flux')}.json"] = real_graph(edit, prompts, FLUX)
+        out[f"{ui_name(name + '_sd35')}.json"] = real_graph(edit, prompts, SD35)
+        out[f"demo/{name}_tinyflux.json"] = real_graph(edit, tiny, TINYFLUX)
     return out
 
 
@@ -788,8 +833,11 @@ def write_thumbnails(demo: pathlib.Path, out: pathlib.Path = WORKFLOWS) -> list[
         font = ImageFont.load_default()
     written = []
     for slug_name, title in TITLES.items():
-        base = slug_name.rsplit("_", 1)[0]
-        pair = [Image.open(demo / f"{THUMBNAIL_DEMO[base]}_{role}.png").convert("RGB") for role in ("source", "edited")]
+        base, arch = slug_name.rsplit("_", 1)
+        shown = THUMBNAIL_DEMO[base]
+        if arch in ("flux", "sd35") and (demo / f"flux_{shown}_source.png").exists():
+            shown = f"flux_{shown}"  # the same edit on TinyFlux, the flow transformer
+        pair = [Image.open(demo / f"{shown}_{role}.png").convert("RGB") for role in ("source", "edited")]
         side = 250
         canvas = Image.new("RGB", (2 * side + 30, side + 70), "white")
         draw = ImageDraw.Draw(canvas)
