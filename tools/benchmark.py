@@ -7,7 +7,9 @@
 - FPE edit: source branch (AttentionStore keeping self-attention of the fpe layers only) + target;
 - both again with AttentionStore's strategy "recompute" (the store keeps only the source's
   latent-sized inputs; the target re-runs the source beside itself while it injects);
-- real-image edit: DDIMInvert + source branch re-anchored to it (direct inversion) + FPE target;
+- real-image edits: DDIMInvert + source branch re-anchored to it (direct inversion) + FPE target (empty
+  source prompt), and + P2P replace and local blend target (flow models: SamplerCustomAdvanced from
+  DDIMInvert's noise, as their workflows);
 - DDIM inversion alone and null-text inversion alone (10 inner steps at most);
 and the memory: the attention store after the source branch (it only grows while the source runs,
 so that is its peak), what storing every probability map of the same layers and steps would take,
@@ -16,6 +18,7 @@ and the process's peak RSS.
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py                         # TinySD, 128 px, 20 steps
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model sd15 --size 512 --steps 3
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model flux_small --size 256 --steps 10 --skip-real
+    OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model tinyflux --cfg 4     # TinyFlux, 128 px, 20 steps
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ class Bench:
         self.node = inproc.node_classes()  # sets up ComfyUI (sys.path) and loads the pack
         if kind == "tinysd":
             self.tiny = inproc.Tiny.load(steps=steps, cfg=cfg, size=size)
+        elif kind == "tinyflux":
+            self.tiny = inproc.Tiny.load("TinyFluxCheckpointLoader", steps=steps, cfg=cfg, size=size,
+                                         scheduler=graphs.TINYFLUX_SCHEDULER)
         else:
             import random_models
             self.tiny = inproc.Tiny(*random_models.build(kind), None, steps=steps, cfg=cfg, size=size)
@@ -45,10 +51,11 @@ class Bench:
     def encode(self, text: str):
         return self.tiny.encode(text)
 
-    def sample(self, model, positive, latent=None, add_noise=True) -> dict:
-        if add_noise:
+    def sample(self, model, positive, inverted=None) -> dict:
+        """A seeded sample, or a real-image branch from DDIMInvert's outputs `inverted` (as the workflows wire it)."""
+        if inverted is None:
             return self.tiny.sample(model, positive, seed=1, negative=self.negative)
-        return self.tiny.sample_from(model, positive, latent, self.negative)
+        return self.tiny.sample_branch(model, positive, inverted, self.negative)
 
     def store(self, prompt: str, self_layers: str, self_until: float, cross_until: float, inversion=None,
               strategy: str = "keep"):
@@ -78,7 +85,7 @@ def map_bytes(store, heads: int, element_size: int = 4) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tinysd", "sd15", "flux_small", "sd35_small"], default="tinysd",
+    ap.add_argument("--model", choices=["tinysd", "tinyflux", "sd15", "flux_small", "sd35_small"], default="tinysd",
                     help="flux_small / sd35_small: Flux.1's and SD3.5 Medium's layouts at reduced width (random weights)")
     ap.add_argument("--size", type=int, default=None, help="image size in px (TinySD 128; sd15 e.g. 256, 512)")
     ap.add_argument("--steps", type=int, default=20)
@@ -91,12 +98,14 @@ def main() -> None:
     ap.add_argument("--null-text-steps", type=int, default=10,
                     help="null-text inner steps (0: skip null-text, e.g. for SD1.5 at 512 px on a CPU)")
     args = ap.parse_args()
-    size = args.size or (128 if args.model == "tinysd" else 512)
+    demo = args.model in ("tinysd", "tinyflux")
+    size = args.size or (128 if demo else 512)
     b = Bench(args.model, size, args.steps, args.cfg)
-    tinysd_schedule = args.p2p_schedule == "tinysd" or (args.p2p_schedule == "auto" and args.model == "tinysd")
-    sched = graphs.TINYSD_P2P if tinysd_schedule else graphs.P2P_DEFAULTS
-    src_prompt, tgt_prompt = ("a red circle", "a blue circle") if args.model == "tinysd" else \
-        ("a cat riding a bicycle", "a cat riding a car")
+    tinysd_schedule = args.p2p_schedule == "tinysd" or (args.p2p_schedule == "auto" and demo)
+    sched = (graphs.TINYFLUX_P2P if args.model == "tinyflux" else graphs.TINYSD_P2P) if tinysd_schedule \
+        else graphs.P2P_DEFAULTS
+    src_prompt, tgt_prompt = ("a red circle", "a blue circle") if demo else ("a cat riding a bicycle", "a cat riding a car")
+    words = ("red", "blue") if demo else ("bicycle", "car")
     pos, tgt = b.encode(src_prompt), b.encode(tgt_prompt)
     b.sample(b.model, pos)  # warm-up (loading, first-call allocations)
 
@@ -130,16 +139,30 @@ def main() -> None:
             continue
         image = b.sample(b.model, pos)
 
+        scheduler = b.tiny.scheduler
+
         def real():
-            noise, inv = b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal", 1.0).result[:2]
-            m, spos, st = b.store("", "fpe", 1.0, 0.0, inv)
-            src = b.sample(m, spos, noise, add_noise=False)
-            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0], tgt, noise,
-                     add_noise=False)
-            return inv
+            inverted = b.node["DDIMInvert"].execute(b.model, b.encode(""), b.negative, image, args.steps, scheduler,
+                                                    1.0).result
+            m, spos, st = b.store("", "fpe", 1.0, 0.0, inverted[1])
+            src = b.sample(m, spos, inverted)
+            b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0], tgt, inverted)
+            return inverted[1]
         inv, t = timed(real)
         times.setdefault("real-image FPE edit (inversion + source + target)", []).append(t)
-        _, t = timed(lambda: b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, "normal",
+
+        def real_p2p():
+            inverted = b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, scheduler, 1.0).result
+            m, spos, st = b.store(src_prompt, sched["self_attention_layers"], sched["self_attention_until"],
+                                  sched["cross_attention_until"], inverted[1])
+            src = b.sample(m, spos, inverted)
+            em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, word_schedules="",
+                                                    **sched).result
+            em = b.node["P2PLocalBlend"].execute(em, *words, 0.5, 0.2, "", 0).result[0]
+            b.sample(em, epos, inverted)
+        _, t = timed(real_p2p)
+        times.setdefault("real-image P2P + local blend edit", []).append(t)
+        _, t = timed(lambda: b.node["DDIMInvert"].execute(b.model, pos, b.negative, image, args.steps, scheduler,
                                                           1.0).result)
         times.setdefault("DDIM inversion", []).append(t)
         if args.null_text_steps:
@@ -152,7 +175,7 @@ def main() -> None:
     dev = str(torch.device(b.model.load_device))
     print(f"benchmark: {args.model}, {size}x{size} px, {args.steps} euler steps, cfg {args.cfg}, {dev}, "
           f"torch threads {torch.get_num_threads()}, mean of {args.repeat} runs; P2P schedule "
-          f"{'TinySD' if tinysd_schedule else 'defaults'} {sched}")
+          f"{'the demo model' if tinysd_schedule else 'defaults'} {sched}")
     for k, v in mean.items():
         print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain")
     if "null-text inversion" in mean:

@@ -45,7 +45,7 @@ def psnr_outside(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=METHODS,
-             blend: dict = BLEND, p2p: dict = graphs.TINYSD_P2P) -> dict[str, list[dict]]:
+             blend: dict = BLEND, p2p: dict = graphs.TINYSD_P2P, fpe: dict = graphs.FPE_DEFAULTS) -> dict[str, list[dict]]:
     """Per method, per sample: success, structure IoU and background PSNR against the source."""
     import shapes
 
@@ -66,7 +66,7 @@ def run_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int, methods=M
         models["P2P + local blend"] = tiny.node("P2PLocalBlend").execute(
             p2p_model, s_words, t_words or s_words, blend["threshold"], 0.2, "", blend["dilate"]).result[0]
     if "FPE" in methods:
-        models["FPE"] = tiny.node("FPESelfAttnInject").execute(tiny.model, store, source, **graphs.FPE_DEFAULTS).result[0]
+        models["FPE"] = tiny.node("FPESelfAttnInject").execute(tiny.model, store, source, **fpe).result[0]
     out: dict[str, list[dict]] = {}
     for name in methods:
         if name in models:
@@ -96,19 +96,19 @@ def run_real_case(tiny: inproc.Tiny, case: EditCase, seed: int, batch: int) -> d
     tgt_pos = tiny.encode(case.target)
     targets, sources = {}, {}
     for method, source_prompt in (("P2P", case.source), ("FPE", "")):
-        noise, inv = node("DDIMInvert").execute(tiny.model, tiny.encode(source_prompt), neg, latent, tiny.steps,
-                                                tiny.scheduler, 1.0).result[:2]
+        inverted = node("DDIMInvert").execute(tiny.model, tiny.encode(source_prompt), neg, latent, tiny.steps,
+                                              tiny.scheduler, 1.0).result
         m, src_pos, store = node("AttentionStore").execute(tiny.model, tiny.clip, source_prompt, 1.0, "all", 1.0,
-                                                           "model dtype", inversion=inv).result
-        source = tiny.sample_from(m, src_pos, noise, neg)
+                                                           "model dtype", inversion=inverted[1]).result
+        source = tiny.sample_branch(m, src_pos, inverted, neg)
         sources[method] = tiny.images(source)
         if method == "P2P":
-            targets["seed only"] = tiny.sample_from(tiny.model, tgt_pos, noise, neg)
+            targets["seed only"] = tiny.sample_branch(tiny.model, tgt_pos, inverted, neg)
             edited = node("P2PReplace").execute(tiny.model, tiny.clip, store, source, case.target, word_schedules="",
                                                 **graphs.TINYSD_P2P).result[0]
         else:
             edited = node("FPESelfAttnInject").execute(tiny.model, store, source, **graphs.FPE_DEFAULTS).result[0]
-        targets[method] = tiny.sample_from(edited, tgt_pos, noise, neg)
+        targets[method] = tiny.sample_branch(edited, tgt_pos, inverted, neg)
     out: dict[str, list[dict]] = {}
     for method, latent_out in targets.items():
         src_imgs = sources["FPE" if method == "FPE" else "P2P"]

@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--model", choices=["tinysd", "tinyflux"], default="tinysd")
+    ap.add_argument("--methods", default=",".join(edits.METHODS), help="comma-separated, of " + ", ".join(edits.METHODS))
+    ap.add_argument("--self-layers", help="a self_attention_layers preset for P2P and FPE instead of their defaults "
+                    "(TinyFlux: all, double, single)")
     args = ap.parse_args()
     opts = dict(steps=args.steps, sampler=args.sampler, scheduler=args.scheduler)
     flux = args.model == "tinyflux"
@@ -61,13 +64,18 @@ def main() -> None:
             rows_by_method = edits.run_real_case(tiny, case, args.seed + i, args.batch)
         else:
             blend = {"token_map_level": "auto", "threshold": 0.3, "dilate": 1} if args.p2p_blend else edits.BLEND
-            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, blend=blend,
-                                            p2p=graphs.TINYFLUX_P2P if flux else graphs.TINYSD_P2P)
+            p2p = dict(graphs.TINYFLUX_P2P if flux else graphs.TINYSD_P2P)
+            fpe = dict(graphs.FPE_DEFAULTS)
+            if args.self_layers:
+                p2p["self_attention_layers"] = fpe["layers"] = args.self_layers
+            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, tuple(args.methods.split(",")),
+                                            blend=blend, p2p=p2p, fpe=fpe)
         for method, rows in rows_by_method.items():
             results[(case.kind, method)] += rows
     what = "inverted rendered images (DDIM inversion, direct-inversion source)" if args.real else "samples"
     print(f"Edits on {'TinyFlux' if flux else 'TinySD'}, {what}: {args.batch} x 2 prompt pairs per kind, {tiny.steps} {tiny.sampler} steps "
-          f"({tiny.scheduler}), cfg {tiny.cfg}, {time.time() - t0:.0f} s")
+          f"({tiny.scheduler}), cfg {tiny.cfg}, {time.time() - t0:.0f} s"
+          + (f"; self-attention layers {args.self_layers}" if args.self_layers else ""))
     print(f"{'kind':8s} {'method':20s} {'n':>4s} {'success':>8s} {'edited':>7s} {'IoU':>6s} {'shift':>6s} {'bg PSNR':>8s}")
     for (kind, method), rows in results.items():
         s = edits.summarise(rows)
