@@ -172,6 +172,7 @@ class Recorder(Shared):
         if self.record.inversion is not None:
             check_inversion_sampler(sampler, "AttentionStore")
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, "AttentionStore", executor)
+            check_inversion_guidance(executor, "AttentionStore")
         self.record.begin(sigmas, tuple(noise.shape))
         self.record.settings = run_settings(executor, noise, sampler)
         self.occurrences, self.last_cond = Occurrences(), None
@@ -329,6 +330,18 @@ def check_starts_from_inversion(inv: Trajectory, noise, latent_image, sigmas, no
                       "KSamplerAdvanced with add_noise 'disable' (or SamplerCustomAdvanced with DDIMInvert's noise)")
 
 
+def check_inversion_guidance(executor, node: str) -> None:
+    """A guidance-distilled model (Flux.1-dev: guidance as an input) samples at cfg 1: a real-image
+    branch at another cfg would run a negative branch the model was not made for (negative-prompt
+    inversion needs classifier-free guidance)."""
+    params = getattr(getattr(guider_model(executor), "diffusion_model", None), "params", None)
+    cfg = run_settings(executor, torch.zeros(()), None)["cfg"]
+    if getattr(params, "guidance_embed", False) and cfg is not None and cfg != 1.0:
+        raise RecordError(f"{node}: this model's guidance is distilled (Flux.1-dev): sample real-image branches at "
+                          f"cfg 1, not {cfg:g} (set its guidance with FluxGuidance); negative-prompt and null-text "
+                          "inversion need classifier-free guidance, direct inversion does not")
+
+
 def check_whole_latent(x: torch.Tensor, latent_shape, node: str) -> None:
     """Area conditioning (ConditioningSetArea) runs the model on a crop, where the source's maps
     of the whole image have no meaning."""
@@ -476,6 +489,7 @@ class Editor(Shared):
                               "it: set strategy 'keep' or raise budget_mb")
         if self.record.inversion is not None:
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node, executor)
+            check_inversion_guidance(executor, self.node)
         self.maps.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()

@@ -98,6 +98,9 @@ class DDIMInvert(io.ComfyNode):
                                  "checkpoint's MODEL (before AttentionStore or an edit node)")
         if solver not in SOLVERS:
             raise NodeInputError("DDIMInvert", "solver", f"{solver!r} is not one of {', '.join(SOLVERS)}")
+        if guidance_distilled(model) and cfg != 1.0:
+            raise NodeInputError("DDIMInvert", "cfg", f"{type(model.model).__name__} has distilled guidance "
+                                 "(Flux.1-dev): invert at cfg 1 (its guidance is the conditioning's, FluxGuidance)")
         sigmas = schedule(model, scheduler, steps)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         trail: dict[str, torch.Tensor] = {}

@@ -133,11 +133,12 @@ def test_real_image_inversion_and_direct_reconstruction(dit, comfy_nodes, solver
     assert (inv.latents[0] - model_space).abs().max() > 0.5  # walked to the noise end
     m, src_pos, store = comfy_nodes["AttentionStore"].execute(model, clip, "a red cat", 1.0, "all", 1.0,
                                                               "model dtype", inversion=inv).result
-    source = branch(comfy_nodes, m, src_pos, neg, inverted)
+    cfg = 1.0 if kind == "flux_small" else 3.0  # Flux.1-dev's guidance is distilled: cfg 1
+    source = branch(comfy_nodes, m, src_pos, neg, inverted, cfg=cfg)
     # exact up to the latent format's scaling there and back (float32 rounding of a few ulps)
     assert (source - image).abs().max() < 1e-5 * float(image.abs().max())
     edited_model = comfy_nodes["FPESelfAttnInject"].execute(model, store, {"samples": source}, "all", 1.0).result[0]
-    edited = branch(comfy_nodes, edited_model, encode(clip, "a dog riding a bicycle"), neg, inverted)
+    edited = branch(comfy_nodes, edited_model, encode(clip, "a dog riding a bicycle"), neg, inverted, cfg=cfg)
     assert (edited - image).abs().max() > 1e-2
 
 
@@ -155,15 +156,25 @@ def test_flow_branches_must_start_from_the_inverted_noise(dit, comfy_nodes):
         nodes.common_ksampler(m, 0, STEPS, 3.0, "euler", "normal", src_pos, neg, latent, disable_noise=True)
 
 
-def test_null_text_inversion_is_refused_on_distilled_guidance(comfy_nodes):
-    """Flux.1-dev's guidance is an input (sampled at cfg 1): there is no negative branch to optimise."""
+def test_inversions_that_need_guidance_are_refused_on_distilled_guidance(comfy_nodes):
+    """Flux.1-dev's guidance is an input (sampled at cfg 1): there is no negative branch for null-text
+    or negative-prompt inversion to act on, and DDIMInvert inverts at cfg 1."""
     import random_models
     model, clip = random_models.build("flux_small")
     pos = encode(clip, "a cat")
-    _, inv, _ = comfy_nodes["DDIMInvert"].execute(model, pos, pos, {"samples": torch.zeros(1, 16, 16, 16)}, 2,
-                                                  "normal", 1.0).result
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+    with pytest.raises(ValueError, match="DDIMInvert: input 'cfg': .*distilled guidance.*invert at cfg 1"):
+        comfy_nodes["DDIMInvert"].execute(model, pos, pos, latent, 2, "normal", 3.5)
+    inverted = comfy_nodes["DDIMInvert"].execute(model, pos, pos, latent, 2, "normal", 1.0).result
     with pytest.raises(ValueError, match="NullTextInversion: input 'model': .*distilled guidance.*direct inversion"):
-        comfy_nodes["NullTextInversion"].execute(model, inv, pos, pos, 3.5, 2, 0.01, 1e-5)
+        comfy_nodes["NullTextInversion"].execute(model, inverted[1], pos, pos, 3.5, 2, 0.01, 1e-5)
+    m, src_pos, _ = comfy_nodes["AttentionStore"].execute(model, clip, "a cat", 1.0, "all", 1.0, "model dtype",
+                                                          inversion=inverted[1]).result
+    with pytest.raises(Exception, match="guidance is distilled.*cfg 1, not 3.5"):  # negative-prompt inversion
+        guider = comfy_nodes["CFGGuider"].execute(m, src_pos, pos, 3.5).result[0]
+        sigmas = comfy_nodes["BasicScheduler"].execute(model, "normal", 2, 1.0).result[0]
+        sampler = comfy_nodes["KSamplerSelect"].execute("euler").result[0]
+        comfy_nodes["SamplerCustomAdvanced"].execute(inverted[2], guider, sampler, sigmas, inverted[0])
 
 
 def test_local_blend_and_map_preview_on_joint_attention(dit, comfy_nodes):

@@ -23,7 +23,7 @@ PACK_INPUTS = {
     "P2PLocalBlend": ["model", "source_words", "target_words", "threshold", "start", "subtract_words", "dilate", "mask",
                       "combine"],
     "FPESelfAttnInject": ["model", "store", "source_latent", "layers", "until"],
-    "DDIMInvert": ["model", "positive", "negative", "latent", "steps", "scheduler", "cfg"],
+    "DDIMInvert": ["model", "positive", "negative", "latent", "steps", "scheduler", "cfg", "solver"],
     "NullTextInversion": ["model", "inversion", "positive", "negative", "cfg", "inner_steps", "learning_rate",
                           "early_stop"],
     "TinySDCheckpointLoader": [],
@@ -35,7 +35,7 @@ PACK_OUTPUTS = {
     "P2PReweight": ["MODEL", "CONDITIONING"],
     "P2PLocalBlend": ["MODEL"],
     "FPESelfAttnInject": ["MODEL"],
-    "DDIMInvert": ["LATENT", "INVERSION"],
+    "DDIMInvert": ["LATENT", "INVERSION", "NOISE"],
     "NullTextInversion": ["CONDITIONING"],
     "TinySDCheckpointLoader": ["MODEL", "CLIP", "VAE"],
 }
