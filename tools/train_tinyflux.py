@@ -48,7 +48,8 @@ def sigma_of(u: torch.Tensor) -> torch.Tensor:
 
 def caption_embeddings(seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """(T5 tokens, pooled) of every caption through ComfyUI's own CLIP code (the frozen encoder),
-    from the fp16-rounded weights that ship."""
+    from the fp16-rounded weights that ship. The pooled vector is zeros: TinyFlux's text reaches the
+    image only through the joint attention."""
     te = {k: v.half() for k, v in tinyflux.text_encoder_state_dict(seed).items()}
     config = tinyflux.TinyFluxConfig(tinyflux.FLUX_CONFIG)
     clip = comfy.sd.CLIP(config.clip_target())
@@ -80,7 +81,7 @@ def build_flux(seed: int) -> Flux:
 
 
 def forward(flux: Flux, x: torch.Tensor, sigma: torch.Tensor, ctx: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """The velocity as ComfyUI asks for it (timestep = sigma, pooled vector as y)."""
+    """The velocity as ComfyUI asks for it (timestep = sigma, pooled vector, zeros, as y)."""
     if not torch.is_grad_enabled():
         return flux(x, sigma, ctx, y=pooled)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
