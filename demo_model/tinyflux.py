@@ -11,8 +11,10 @@
 - Text encoder: ComfyUI's T5 (`comfy.text_encoders.t5.T5`, 2 layers, width 64) on ComfyUI's own
   T5 SentencePiece tokenizer, frozen at a seeded random initialisation (only the domain's tokens
   have non-zero embeddings). Tokens go under "t5xxl" as in ComfyUI's FluxTokenizer, unpadded, so the
-  conditioning's text tokens are exactly the tokenizer's. Flux's pooled vector input is the mean of
-  the T5 output over the tokens (no CLIP-L).
+  conditioning's text tokens are exactly the tokenizer's. No pooled text path: Flux's pooled vector
+  input (CLIP-L's in Flux) is a zero vector, so `vector_in` adds only a constant to the modulation
+  and the text reaches the image only through the joint attention (a word's image->text map then
+  localises where the word is drawn, as P2P's local blend needs).
 - VAE and latents: TinySD's hand-set TAESD and SD1's latent scale (`tinysd.taesd_state_dict`).
 """
 from __future__ import annotations
@@ -67,7 +69,7 @@ class TinyFluxTokenizer(comfy.sd1_clip.SD1Tokenizer):
 
 
 class TinyT5Model(comfy.sd1_clip.SDClipModel):
-    """ComfyUI's T5 encoder with the tiny config; its pooled output is the mean over the tokens."""
+    """ComfyUI's T5 encoder with the tiny config; its pooled output is zeros (no pooled text path)."""
     def __init__(self, device="cpu", dtype=None, model_options={}):
         super().__init__(device=device, layer="last", textmodel_json_config=T5_CONFIG, dtype=dtype,
                          special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
@@ -75,7 +77,7 @@ class TinyT5Model(comfy.sd1_clip.SDClipModel):
 
     def forward(self, tokens):
         z, _ = super().forward(tokens)[:2]
-        return z, z.mean(1)
+        return z, torch.zeros(z.shape[0], TEXT_DIM, dtype=z.dtype, device=z.device)
 
 
 class TinyFluxTextEncoder(comfy.sd1_clip.SD1ClipModel):

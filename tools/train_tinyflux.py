@@ -48,7 +48,8 @@ def sigma_of(u: torch.Tensor) -> torch.Tensor:
 
 def caption_embeddings(seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """(T5 tokens, pooled) of every caption through ComfyUI's own CLIP code (the frozen encoder),
-    from the fp16-rounded weights that ship."""
+    from the fp16-rounded weights that ship. The pooled vector is zeros: TinyFlux's text reaches the
+    image only through the joint attention."""
     te = {k: v.half() for k, v in tinyflux.text_encoder_state_dict(seed).items()}
     config = tinyflux.TinyFluxConfig(tinyflux.FLUX_CONFIG)
     clip = comfy.sd.CLIP(config.clip_target())
@@ -80,25 +81,26 @@ def build_flux(seed: int) -> Flux:
 
 
 def forward(flux: Flux, x: torch.Tensor, sigma: torch.Tensor, ctx: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """The velocity as ComfyUI asks for it (timestep = sigma, pooled vector as y)."""
+    """The velocity as ComfyUI asks for it (timestep = sigma, pooled vector, zeros, as y)."""
     if not torch.is_grad_enabled():
         return flux(x, sigma, ctx, y=pooled)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
         return flux(x, sigma, ctx, y=pooled)
 
 
-def batch(seed: int, step: int, size: int, logit_normal: float):
+def batch(seed: int, step: int, size: int, logit_normal: float, logit_mean: float = 0.0):
     """Noisy latents on ComfyUI's flow (x_t = (1 - s) x0 + s noise), their velocity target and captions.
 
-    Times: a fraction `logit_normal` from SD3's logit-normal (the middle, where layout, colour and
-    shape are decided), the rest uniform, both through Flux's shift as the sampler's schedule is."""
+    Times: a fraction `logit_normal` from SD3's logit-normal with mean `logit_mean` (positive: towards
+    high noise, where layout and shape are decided), the rest uniform, both through Flux's shift as
+    the sampler's schedule is."""
     rng = np.random.default_rng([seed, step])
     specs = [shapes.random_spec(rng) for _ in range(size)]
     x0 = torch.from_numpy(tinysd.encode_images(np.stack([shapes.render(s) for s in specs])))
     captions = [s.caption(with_background=rng.random() < 0.5) for s in specs]
     captions = ["" if rng.random() < 0.1 else c for c in captions]  # for classifier-free guidance
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    u = torch.where(torch.rand(size, generator=g) < logit_normal, torch.sigmoid(torch.randn(size, generator=g)),
+    u = torch.where(torch.rand(size, generator=g) < logit_normal, torch.sigmoid(logit_mean + torch.randn(size, generator=g)),
                     torch.rand(size, generator=g)).clamp(1e-4, 1.0)
     s = sigma_of(u)
     noise = torch.randn(x0.shape, generator=g)
@@ -181,7 +183,7 @@ def train(args) -> None:
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / 200)
             group["lr"] = args.lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
-        xt, s, captions, target = batch(args.seed, step, args.batch, args.logit_normal)
+        xt, s, captions, target = batch(args.seed, step, args.batch, args.logit_normal, args.logit_mean)
         loss = torch.zeros(())
         for rows, ctx, pooled in grouped(captions, emb):
             v = forward(flux, xt[rows], s[rows], ctx, pooled)
@@ -325,6 +327,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--logit-normal", type=float, default=0.75, help="fraction of times drawn logit-normal")
+    ap.add_argument("--logit-mean", type=float, default=0.0,
+                    help="mean of the logit-normal times (SD3's m; positive: more high-noise steps)")
     ap.add_argument("--state", default=str(REPO / ".train" / "tinyflux_state.pt"), help="resume state (git-ignored)")
     ap.add_argument("--out", default=str(REPO / "demo_model" / "tinyflux.safetensors"))
     ap.add_argument("--init-from", help="start a new run from a TinyFlux checkpoint's transformer (e.g. the shipped one)")
