@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--model", choices=["tinysd", "tinyflux"], default="tinysd")
-    ap.add_argument("--methods", default=",".join(edits.METHODS), help="comma-separated, of " + ", ".join(edits.METHODS))
+    ap.add_argument("--methods", default=";".join(edits.METHODS), help="';'-separated, of: " + "; ".join(edits.METHODS))
     ap.add_argument("--self-layers", help="a self_attention_layers preset for P2P and FPE instead of their defaults "
                     "(TinyFlux: all, double, single)")
     args = ap.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
             fpe = dict(graphs.FPE_DEFAULTS)
             if args.self_layers:
                 p2p["self_attention_layers"] = fpe["layers"] = args.self_layers
-            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, tuple(args.methods.split(",")),
+            rows_by_method = edits.run_case(tiny, case, args.seed + i, args.batch, tuple(m.strip() for m in args.methods.split(";")),
                                             blend=blend, p2p=p2p, fpe=fpe)
         for method, rows in rows_by_method.items():
             results[(case.kind, method)] += rows
