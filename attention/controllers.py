@@ -335,7 +335,7 @@ def check_inversion_guidance(executor, node: str) -> None:
     branch at another cfg would run a negative branch the model was not made for (negative-prompt
     inversion needs classifier-free guidance)."""
     params = getattr(getattr(guider_model(executor), "diffusion_model", None), "params", None)
-    cfg = run_settings(executor, torch.zeros(()), None)["cfg"]
+    cfg = guider_cfg(executor)
     if getattr(params, "guidance_embed", False) and cfg is not None and cfg != 1.0:
         raise RecordError(f"{node}: this model's guidance is distilled (Flux.1-dev): sample real-image branches at "
                           f"cfg 1, not {cfg:g} (set its guidance with FluxGuidance); negative-prompt and null-text "
@@ -357,11 +357,15 @@ def sampler_name(sampler) -> str:
     return getattr(fn, "__name__", type(sampler).__name__).removeprefix("sample_")
 
 
+def guider_cfg(executor) -> float | None:
+    """The cfg of the guider an outer_sample wrapper runs (None where it has no single number)."""
+    cfg = getattr(getattr(executor, "class_obj", None), "cfg", None)
+    return float(cfg) if isinstance(cfg, (int, float)) else None
+
+
 def run_settings(executor, noise: torch.Tensor, sampler) -> dict:
     """What an outer_sample wrapper can see of a run's settings: its noise, sampler and cfg."""
-    cfg = getattr(getattr(executor, "class_obj", None), "cfg", None)
-    return {"noise": noise.detach().float().cpu(), "sampler": sampler_name(sampler),
-            "cfg": float(cfg) if isinstance(cfg, (int, float)) else None}
+    return {"noise": noise.detach().float().cpu(), "sampler": sampler_name(sampler), "cfg": guider_cfg(executor)}
 
 
 def schedule_difference(sigmas: torch.Tensor, source: torch.Tensor) -> str | None:
