@@ -207,8 +207,9 @@ class Recorder(Shared):
         self.record_attention(patch, q, k, extra)
         return out
 
-    def record_attention(self, patch: LayerPatch, q, k, extra) -> None:
-        """Keeps what the record's spec asks for of one attention call's queries and keys."""
+    def record_attention(self, patch: LayerPatch, q, k, extra, shared: dict | None = None) -> None:
+        """Keeps what the record's spec asks for of one attention call's queries and keys (`shared`:
+        see SourceRecord.keep)."""
         rec, key = self.record, patch.layer.key
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
             return
@@ -227,17 +228,17 @@ class Recorder(Shared):
                 continue
             if patch.kind == "attn1":
                 if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
-                    rec.self_qk[(key, sk)] = (rec.keep(q[rows]), rec.keep(k[rows]))
+                    rec.self_qk[(key, sk)] = (rec.keep(q[rows], shared), rec.keep(k[rows]))
             else:
                 kept = None
                 kept_k = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
-                    kept = rec.cross_q[(key, sk)] = rec.keep(q[rows])
+                    kept = rec.cross_q[(key, sk)] = rec.keep(q[rows], shared)
                     kept_k = rec.keep_keys(rec.cross_k, key, sk, k[rows])
                 if key not in rec.layer_hw:
                     rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
                 if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
-                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(q[rows])
+                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(q[rows], shared)
                     if kept_k is not None:
                         rec.map_k[(key, sk)] = kept_k
                     else:
@@ -628,6 +629,16 @@ class Editor(Shared):
                 m = edited_maps(src, m, cross.mapper, ws, wt)
             self.maps[(patch.layer.key, sk)] = m
         return jobs
+
+    def idle(self, patch: LayerPatch, extra: dict) -> bool:
+        """Whether this layer's calls at this model call attend as usual and keep nothing (no
+        injection, no token maps for local blend): a caller may then skip plan()."""
+        rec = self.record
+        step = self.occurrences.step(current_sigma(extra), rec.sample_sigmas)
+        if patch.kind == "attn1":
+            return not (patch.layer.key in self.self_layers and self.self_steps.active(step, rec.num_steps))
+        injects = self.cross is not None and self.cross.active(step, rec.num_steps)
+        return not injects and not (self.blend is not None and patch.layer.level == rec.map_level)
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         parts = self.plan(patch, q, k, v, extra)

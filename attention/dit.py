@@ -112,23 +112,32 @@ class JointPatch(Shared):
         latent_shape, text = layout
         if length < text + image_tokens(latent_shape, self.patch_size):  # not the joint call
             return self.plain(func, *args, **kwargs)
+        ctl = self.controller
+        recording = isinstance(ctl, Recorder)
+        if not recording:  # parts that neither inject nor keep maps at this step run as ComfyUI would
+            cross, own = (p if p is not None and not ctl.idle(p, opts) else None for p in (cross, own))
+            if cross is None and own is None:
+                return self.plain(func, *args, **kwargs)
         if skip:  # Flux: (B, heads, L, D)
-            q, k, v = join_heads(q), join_heads(k), join_heads(v)
+            q, k = join_heads(q), join_heads(k)
+            v = None if recording else join_heads(v)
         else:  # SD3: (B, L, heads * D), its values still (B, L, heads, D)
             q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
         extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
-        ctl = self.controller
         # the image->text part as a cross-attention; the image->image part as the image queries over the
         # whole sequence, on the image values (its output is the row's image block and text mass, joint.py)
-        qi, parts = q[:, text:], []
+        qi = q[:, text:]
+        if recording:
+            shared: dict = {}  # both parts' image queries are one tensor: kept once
+            for p, kp in ((cross, k[:, :text]), (own, k)):
+                if p is not None:
+                    ctl.record_attention(p, qi, kp, extra, shared)
+            return self.plain(func, *args, **kwargs)
+        parts = []
         if cross is not None:
             parts.append((cross, qi, k[:, :text], v[:, :text]))
         if own is not None:
             parts.append((own, qi, k, v[:, text:]))
-        if isinstance(ctl, Recorder):
-            for p, qp, kp, _ in parts:
-                ctl.record_attention(p, qp, kp, extra)
-            return self.plain(func, *args, **kwargs)
         plans = {p.kind: ctl.plan(p, qp, kp, vp, extra) for p, qp, kp, vp in parts}
         if all(jobs is None for plan in plans.values() for jobs, *_ in plan):
             return self.plain(func, *args, **kwargs)

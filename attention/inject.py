@@ -51,6 +51,8 @@ def key_layout(k: torch.Tensor, tokens: int) -> torch.Tensor:
     layout = torch.full((k.shape[1],), -1, dtype=torch.long)
     n = min(tokens, k.shape[1])
     layout[:n] = torch.arange(n)
+    if k.shape[1] < 2 * tokens:  # no room for a repeated copy
+        return layout
     first = k[:, :tokens].float()
     scale = float(first.abs().amax()) if first.numel() else 0.0
     for b in range(1, k.shape[1] // tokens if k.shape[1] > tokens else 1):

@@ -121,7 +121,14 @@ class SourceRecord:
                 return run
         return None
 
-    def keep(self, t: torch.Tensor) -> torch.Tensor:
+    def keep(self, t: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
+        """A copy of `t` in the storage dtype. `shared` (one attention call's) keeps a tensor asked for
+        twice once: a joint attention's image queries serve both of its parts."""
+        if shared is not None:
+            view = (t.data_ptr(), tuple(t.shape), t.stride())
+            if view not in shared:
+                shared[view] = self.keep(t)
+            return shared[view]
         t = t.detach()
         return t.to(self.spec.storage_dtype) if self.spec.storage_dtype is not None else t.clone()
 
