@@ -97,8 +97,19 @@ def cross_steps(node: str, target, cross_until: float, word_schedules: str) -> t
 
 
 class _P2PEdit(io.ComfyNode):
-    NODE = ""
+    """A P2P edit of the target prompt: the subclasses differ in their token alignment (`mapper`)."""
+    NODE = DISPLAY_NAME = DESCRIPTION = EXAMPLE_TARGET = ""
+    ALIASES: list[str] = []
     mapper = staticmethod(lambda source, target: None)
+
+    @classmethod
+    def define_schema(cls):
+        return Schema(
+            node_id=cls.NODE, display_name=cls.DISPLAY_NAME, category=CATEGORY + "/prompt_to_prompt",
+            search_aliases=["prompt to prompt", "p2p", *cls.ALIASES, "image editing"], description=cls.DESCRIPTION,
+            inputs=target_inputs(cls.EXAMPLE_TARGET) + schedule_inputs(),
+            outputs=target_outputs(),
+        )
 
     @classmethod
     def execute(cls, model, clip, store, source_latent, target_prompt, cross_attention_until, word_schedules,
@@ -118,35 +129,21 @@ class _P2PEdit(io.ComfyNode):
 
 
 class P2PReplace(_P2PEdit):
-    NODE = "P2PReplace"
+    NODE, DISPLAY_NAME = "P2PReplace", "P2P Replace (word swap)"
+    ALIASES = ["word swap", "replace word"]
+    DESCRIPTION = ("Prompt-to-Prompt word swap: the target takes the source's cross-attention maps for the first τ "
+                   "of the steps. Source and target prompts need the same number of words.")
+    EXAMPLE_TARGET = "a blue circle"
     mapper = staticmethod(lambda s, t: (replace_mapper(s, t), torch.ones(t.length)))
-
-    @classmethod
-    def define_schema(cls):
-        return Schema(
-            node_id="P2PReplace", display_name="P2P Replace (word swap)", category=CATEGORY + "/prompt_to_prompt",
-            search_aliases=["prompt to prompt", "p2p", "word swap", "replace word", "image editing"],
-            description="Prompt-to-Prompt word swap: the target takes the source's cross-attention maps for the "
-                        "first τ of the steps. Source and target prompts need the same number of words.",
-            inputs=target_inputs("a blue circle") + schedule_inputs(),
-            outputs=target_outputs(),
-        )
 
 
 class P2PRefine(_P2PEdit):
-    NODE = "P2PRefine"
+    NODE, DISPLAY_NAME = "P2PRefine", "P2P Refine (add words)"
+    ALIASES = ["refine prompt", "add words"]
+    DESCRIPTION = ("Prompt-to-Prompt refinement: tokens shared with the source (global alignment) take the "
+                   "source's maps; added words keep their own.")
+    EXAMPLE_TARGET = "a red circle on a black background"
     mapper = staticmethod(refine_mapper)
-
-    @classmethod
-    def define_schema(cls):
-        return Schema(
-            node_id="P2PRefine", display_name="P2P Refine (add words)", category=CATEGORY + "/prompt_to_prompt",
-            search_aliases=["prompt to prompt", "p2p", "refine prompt", "add words", "image editing"],
-            description="Prompt-to-Prompt refinement: tokens shared with the source (global alignment) take the "
-                        "source's maps; added words keep their own.",
-            inputs=target_inputs("a red circle on a black background") + schedule_inputs(),
-            outputs=target_outputs(),
-        )
 
 
 def parse_weights(node: str, text: str, target) -> torch.Tensor:

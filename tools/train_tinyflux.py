@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import pathlib
 import sys
 import time
@@ -34,6 +33,7 @@ from comfy.ldm.flux.model import Flux  # noqa: E402
 import shapes  # noqa: E402
 import tinyflux  # noqa: E402
 import tinysd  # noqa: E402
+import training  # noqa: E402
 from train_tinysd import all_captions  # noqa: E402
 
 REPO = comfyui_env.REPO
@@ -159,64 +159,21 @@ def export(ema: dict[str, torch.Tensor], te: dict[str, torch.Tensor], path: path
 def train(args) -> None:
     emb, te = caption_embeddings(args.seed)
     flux = build_flux(args.seed)
-    ema = {k: v.detach().clone() for k, v in flux.state_dict().items()}
-    opt = torch.optim.AdamW(flux.parameters(), lr=args.lr, weight_decay=0.0)
-    state_path, out = pathlib.Path(args.state), pathlib.Path(args.out)
-    step = 0
-    if args.init_from and not state_path.exists():
-        prefix = "model.diffusion_model."
-        weights = safetensors.torch.load_file(args.init_from)
-        flux.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
-        ema = {k: v.detach().clone() for k, v in flux.state_dict().items()}
-        print(f"initialised from {args.init_from}", flush=True)
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=True)
-        flux.load_state_dict(st["flux"])
-        opt.load_state_dict(st["opt"])
-        ema, step = st["ema"], st["step"]
-        print(f"resumed at step {step}", flush=True)
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(state_path.parent / "tinyflux_log.txt", "a")
-    t0 = time.time()
-    stop = min(args.steps, args.stop_at or args.steps)
-    while step < stop:
-        for group in opt.param_groups:
-            warm = min(1.0, (step + 1) / 200)
-            group["lr"] = args.lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
+
+    def loss_at(step: int) -> torch.Tensor:
         xt, s, captions, target = batch(args.seed, step, args.batch, args.logit_normal, args.logit_mean)
         loss = torch.zeros(())
         for rows, ctx, pooled in grouped(captions, emb):
             v = forward(flux, xt[rows], s[rows], ctx, pooled)
             loss = loss + torch.nn.functional.mse_loss(v, target[rows], reduction="sum") / target.numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flux.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in flux.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        if step % 50 == 0:
-            msg = f"step {step} loss {loss.item():.4f} {(time.time() - t0) / 50:.2f}s/step"
-            print(msg, flush=True)
-            log.write(msg + "\n")
-            log.flush()
-            t0 = time.time()
-        if step % args.save_every == 0 or step == stop:
-            torch.save({"flux": flux.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step}, state_path)
-            export(ema, te, out)
-        if args.eval_every and (step % args.eval_every == 0 or step == stop):
-            live = build_flux(args.seed)
-            live.load_state_dict(ema)
-            live.eval()
-            colour, shape = caption_accuracy(live, emb)
-            msg = (f"step {step} caption accuracy (EMA, 36 samples, 16 euler steps, cfg 4): "
-                   f"colour {colour:.2f} shape {shape:.2f}")
-            print(msg, flush=True)
-            log.write(msg + "\n")
-            log.flush()
-            t0 = time.time()
+        return loss
+
+    run = training.Run(flux, "flux", pathlib.Path(args.state), "tinyflux_log.txt", args.save_every, args.eval_every,
+                       ema_decay=args.ema, init_from=args.init_from)
+    training.train(run, training.Schedule(args.lr, args.steps, floor=0.1), loss_at,
+                   lambda ema: export(ema, te, pathlib.Path(args.out)),
+                   training.caption_check(lambda: build_flux(args.seed), lambda net: caption_accuracy(net, emb),
+                                          "36 samples, 16 euler steps, cfg 4"), stop=args.stop_at)
 
 
 # ---- evaluation through ComfyUI ----------------------------------------------------------------

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import pathlib
 import sys
-import time
 
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E4
 
 import shapes  # noqa: E402
 import tinysd  # noqa: E402
+import training  # noqa: E402
 
 REPO = comfyui_env.REPO
 BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled-linear
@@ -143,59 +142,17 @@ def main() -> None:
 
     emb, te = caption_embeddings(args.seed)
     unet = build_unet(args.seed)
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    state_path, out = pathlib.Path(args.state), pathlib.Path(args.out)
-    step = 0
-    if args.init_from and not state_path.exists():
-        prefix = "model.diffusion_model."
-        weights = safetensors.torch.load_file(args.init_from)
-        unet.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
-        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        print(f"initialised from {args.init_from}", flush=True)
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=True)
-        unet.load_state_dict(st["unet"])
-        opt.load_state_dict(st["opt"])
-        ema = st["ema"]
-        step = st["step"]
-        print(f"resumed at step {step}", flush=True)
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(state_path.parent / "train_log.txt", "a")
-    t0 = time.time()
-    while step < args.steps:
-        for group in opt.param_groups:
-            warm = min(1.0, (step + 1) / 200)
-            group["lr"] = args.lr * warm * (0.5 + 0.5 * math.cos(math.pi * step / args.steps))
+
+    def loss_at(step: int) -> torch.Tensor:
         xt, t, ctx, noise = batch(args.seed, step, args.batch, emb, args.offset_noise, args.high_t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t, ctx), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[k].copy_(v)
-        if step % 50 == 0:
-            msg = f"step {step} loss {loss.item():.4f} {(time.time() - t0) / 50:.2f}s/step"
-            print(msg, flush=True)
-            log.write(msg + "\n")
-            log.flush()
-            t0 = time.time()
-        if step % args.save_every == 0 or step == args.steps:
-            torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step}, state_path)
-            export(ema, te, out)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            live = build_unet(args.seed)
-            live.load_state_dict(ema)
-            live.eval()
-            colour, shape = caption_accuracy(live, emb)
-            msg = f"step {step} caption accuracy (EMA, 36 samples, 15 DDIM steps, cfg 5): colour {colour:.2f} shape {shape:.2f}"
-            print(msg, flush=True)
-            log.write(msg + "\n")
-            log.flush()
+        return torch.nn.functional.mse_loss(unet(xt, t, ctx), noise)
+
+    run = training.Run(unet, "unet", pathlib.Path(args.state), "train_log.txt", args.save_every, args.eval_every,
+                       init_from=args.init_from)
+    training.train(run, training.Schedule(args.lr, args.steps), loss_at,
+                   lambda ema: export(ema, te, pathlib.Path(args.out)),
+                   training.caption_check(lambda: build_unet(args.seed), lambda net: caption_accuracy(net, emb),
+                                          "36 samples, 15 DDIM steps, cfg 5"))
 
 
 if __name__ == "__main__":
