@@ -41,8 +41,15 @@ def chunks(extra: dict, batch: int) -> list[tuple[int, slice]]:
     return [(c, slice(i * per, (i + 1) * per)) for i, c in enumerate(cou)]
 
 
+_last_sigma: tuple[object, float] = (None, 0.0)  # ComfyUI passes one sigmas tensor to every layer of a model call
+
+
 def current_sigma(extra: dict) -> float:
-    return float(torch.as_tensor(extra["sigmas"]).flatten()[0])
+    global _last_sigma
+    sigmas = extra["sigmas"]
+    if sigmas is not _last_sigma[0]:
+        _last_sigma = (sigmas, float(torch.as_tensor(sigmas).flatten()[0]))
+    return _last_sigma[1]
 
 
 class Occurrences:
@@ -411,6 +418,7 @@ class CrossEdit:
     steps: StepRange  # default injection range (P2P's cross rule)
     word_steps: dict[int, StepRange] = field(default_factory=dict)  # target position -> range
     equalizer: torch.Tensor | None = None  # (T_tgt,) re-weighting c, 1 elsewhere
+    _weights: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # per (step, num_steps)
 
     def window(self, step: int, num_steps: int) -> torch.Tensor:
         """t: 1 for the target tokens whose injection window holds this step."""
@@ -421,13 +429,17 @@ class CrossEdit:
 
     def weights(self, step: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ws, wt): M_new = (M_src A) diag(ws) + M_tgt diag(wt), as P2P's controllers compose it:
-        inside the window the aligned tokens take the source's map and every column is re-weighted."""
-        t, g = self.window(step, num_steps), self.aligned
-        c = self.equalizer if self.equalizer is not None else torch.ones_like(g)
-        return t * g * c, 1 - t + t * (1 - g) * c
+        inside the window the aligned tokens take the source's map and every column is re-weighted.
+        Every layer asks at every step: computed once per step."""
+        if (step, num_steps) not in self._weights:
+            t, g = self.window(step, num_steps), self.aligned
+            c = self.equalizer if self.equalizer is not None else torch.ones_like(g)
+            self._weights[(step, num_steps)] = (t * g * c, 1 - t + t * (1 - g) * c, bool(t.any()))
+        return self._weights[(step, num_steps)][:2]
 
     def active(self, step: int, num_steps: int) -> bool:
-        return bool(self.window(step, num_steps).any())
+        self.weights(step, num_steps)
+        return self._weights[(step, num_steps)][2]
 
 
 COMBINE = ("intersect", "union", "mask only")  # how a local blend's MASK meets the words' mask

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
 
 import torch
@@ -63,10 +64,18 @@ class Bench:
                                                    self_until, "model dtype", True, inversion, strategy).result
 
 
+CLOCK = time.perf_counter  # main() picks the process's CPU time on a CPU device
+
+
 def timed(fn):
-    t = time.perf_counter()
+    """fn()'s result and its time: wall time on an accelerator (synchronised), the process's CPU time
+    on a CPU, where one torch thread makes it the run's own time, whatever else the machine runs."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = CLOCK()
     out = fn()
-    return out, time.perf_counter() - t
+    sync()
+    return out, CLOCK() - t
 
 
 def attention_heads(model) -> int:
@@ -90,7 +99,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image size in px (TinySD 128; sd15 e.g. 256, 512)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each measurement (the mean is reported)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each measurement, interleaved (the median is reported: a shared machine's hiccups do not move it)")
     ap.add_argument("--strategies", default="keep,recompute", help="AttentionStore strategies to time")
     ap.add_argument("--p2p-schedule", choices=["auto", "defaults", "tinysd"], default="auto",
                     help="P2P's schedule: the nodes' defaults or TinySD's (auto: TinySD's on TinySD)")
@@ -101,6 +110,9 @@ def main() -> None:
     demo = args.model in ("tinysd", "tinyflux")
     size = args.size or (128 if demo else 512)
     b = Bench(args.model, size, args.steps, args.cfg)
+    global CLOCK
+    cpu = torch.device(b.model.load_device).type == "cpu"
+    CLOCK = time.process_time if cpu and torch.get_num_threads() == 1 else time.perf_counter
     tinysd_schedule = args.p2p_schedule == "tinysd" or (args.p2p_schedule == "auto" and demo)
     sched = (graphs.TINYFLUX_P2P if args.model == "tinyflux" else graphs.TINYSD_P2P) if tinysd_schedule \
         else graphs.P2P_DEFAULTS
@@ -172,11 +184,11 @@ def main() -> None:
                                                                      args.null_text_steps, 0.1, 1e-5).result)
             times.setdefault("null-text inversion", []).append(t)
 
-    mean = {k: sum(v) / len(v) for k, v in times.items()}
+    mean = {k: statistics.median(v) for k, v in times.items()}
     plain = mean["plain generation"]
     dev = str(torch.device(b.model.load_device))
     print(f"benchmark: {args.model}, {size}x{size} px, {args.steps} euler steps, cfg {args.cfg}, {dev}, "
-          f"torch threads {torch.get_num_threads()}, mean of {args.repeat} runs; P2P schedule "
+          f"torch threads {torch.get_num_threads()}, {'CPU' if CLOCK is time.process_time else 'wall'} time, median of {args.repeat} runs; P2P schedule "
           f"{'the demo model' if tinysd_schedule else 'defaults'} {sched}")
     for k, v in mean.items():
         print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain")
