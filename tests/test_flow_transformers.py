@@ -62,6 +62,8 @@ def test_recorded_parts_have_the_token_counts_of_text_and_image(dit, comfy_nodes
         assert q.shape[1] == 64 and k.shape[1] == text + 64, key  # 8x8 image tokens (16x16 latent, patch 2)
     for key, k in store.cross_k.items():
         assert k.shape[1] == text, key
+    # both parts read the same image queries: the store holds them once
+    assert all(store.cross_q[(key, sk)] is q for (key, sk), (q, _) in store.self_qk.items())
     assert all(hw == (8, 8) for _, hw in store.layer_hw.values())
     # the word's positions are those of the tokens in the context
     cat = store.prompt.positions("cat")
