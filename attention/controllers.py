@@ -490,7 +490,7 @@ class Editor(Shared):
         self.self_layers, self.self_steps, self.node, self.attention = self_layers, self_steps, node, attention
         self.target = target  # the target prompt (None: FPE, which has no prompt of its own)
         self.maps: dict[tuple, torch.Tensor] = {}  # (layer, sigma key) -> this run's edited token maps (local blend)
-        self.mappers: dict[tuple, torch.Tensor] = {}  # (source layout, target layout) -> expanded mapper
+        self.mappers: dict[tuple, object] = {}  # layouts (and step) -> expanded mapper (and column weights)
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()
 
@@ -608,12 +608,17 @@ class Editor(Shared):
                               "(another node evaluates the UNet outside ComfyUI's apply_model?): set "
                               "AttentionStore's strategy to 'keep'")
 
-    def _mapper(self, lay_s: torch.Tensor, lay_t: torch.Tensor) -> torch.Tensor:
-        """The alignment over the key columns of this layout pair (the same at every layer and step)."""
-        key = (lay_s.numpy().tobytes(), lay_t.numpy().tobytes())
-        if key not in self.mappers:
-            self.mappers[key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
-        return self.mappers[key]
+    def _columns(self, lay_s: torch.Tensor, lay_t: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        """The alignment over the key columns of this layout pair (the same at every layer and step)
+        and the step's weights (ws, wt) over the target's columns (the same at every layer)."""
+        lay_key = (lay_s.numpy().tobytes(), lay_t.numpy().tobytes())
+        if lay_key not in self.mappers:
+            self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
+        at = (lay_key, step, self.record.num_steps)
+        if at not in self.mappers:
+            ws, wt = self.cross.weights(step, self.record.num_steps)
+            self.mappers[at] = (expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
+        return (self.mappers[lay_key], *self.mappers[at])
 
     def _cross(self, patch: LayerPatch, sk: str, sigma: float, step: int, qc, kc, vc, live_qk, extra) -> list[Job] | None:
         """The cross-attention edit of the conditional chunk, and its edited token maps for local blend."""
@@ -631,8 +636,7 @@ class Editor(Shared):
             q_s, k_s = self._source(q_s, qc), self._source(k_s, kc)
             ws, wt = cross.weights(step, rec.num_steps)
             lay_s, lay_t = key_layout(k_s, rec.prompt.length), key_layout(kc, self.target.length)
-            jobs = cross_edit_jobs(qc, kc, vc, q_s, k_s, self._mapper(lay_s, lay_t),
-                                   expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
+            jobs = cross_edit_jobs(qc, kc, vc, q_s, k_s, *self._columns(lay_s, lay_t, step))
         if self.blend is not None and patch.layer.level == rec.map_level:
             hw = spatial_hw(extra, qc.shape[1])
             m = token_maps(qc, kc, heads, hw, self.target.length, self.target.map_tokens)
