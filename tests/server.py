@@ -229,9 +229,17 @@ class ComfyServer:
         """POST /interrupt: stop the graph that is running."""
         self._request("/interrupt", {})
 
+    # A prompt of two core nodes that costs nothing: the barrier after /free (see free()).
+    BARRIER = {"barrier_image": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                                         "color": 0}},
+               "barrier_preview": {"class_type": "PreviewImage", "inputs": {"images": ["barrier_image", 0]}}}
+
     def free(self) -> None:
-        """POST /free: the server drops its output caches (and unloads models) before the next prompt."""
+        """POST /free: the server drops its output caches and unloads its models. ComfyUI's worker reads
+        that request between prompts, so a prompt queued at once may still run on the old cache;
+        one trivial prompt run first makes sure the request was read before the next prompt starts."""
         self._request("/free", {"unload_models": True, "free_memory": True})
+        self.run(self.BARRIER)
 
     def running(self) -> list[str]:
         """Ids of the prompts the server is executing now (GET /queue)."""

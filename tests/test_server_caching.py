@@ -29,7 +29,7 @@ def test_changing_only_the_target_reruns_only_the_target(server):
     assert "target_sampler" not in cached and "edit" not in cached
     edited = server.images(entry, "edited_save")[0]
 
-    server._json("/free", {"free_memory": True})  # next prompt runs on an empty cache
+    server.free()  # the next prompt runs on an empty cache
     again = server.run(second)
     assert "source_sampler" not in cached_nodes(again)
     np.testing.assert_array_equal(server.images(again, "edited_save")[0], edited)
