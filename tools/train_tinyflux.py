@@ -202,6 +202,7 @@ def evaluate(args) -> None:
     captions = [(c, s, bg) for c, s in itertools.product(shapes.COLOURS, shapes.SHAPES)
                 for bg in (None, *shapes.BACKGROUNDS)]  # 48 captions
     hits, n, t0 = {"colour": 0, "shape": 0, "both": 0}, 0, time.time()
+    per_shape = {s: [0, 0] for s in shapes.SHAPES}  # right, asked
     for i, (colour, shape, bg) in enumerate(captions):
         text = f"a {colour} {shape}" + (f" on a {bg} background" if bg else "")
         for img in images(model, text, [EVAL_SEED_BASE + 100 * i + j for j in range(args.eval_seeds)]):
@@ -210,8 +211,12 @@ def evaluate(args) -> None:
             hits["colour"] += got.colour == colour
             hits["shape"] += got.shape == shape
             hits["both"] += got.colour == colour and got.shape == shape
+            per_shape[shape][0] += got.shape == shape
+            per_shape[shape][1] += 1
     print(f"ComfyUI KSampler euler/simple, {args.eval_steps} steps, cfg {args.cfg}, {n} samples: "
           + " ".join(f"{k} {v / n:.3f}" for k, v in hits.items()) + f" ({time.time() - t0:.0f}s)", flush=True)
+    print("  shape by the caption's shape: " + ", ".join(f"{s} {r / max(a, 1):.2f}" for s, (r, a) in per_shape.items()),
+          flush=True)
     attention_checks(model, images, args.attn_pairs)
 
 
