@@ -490,7 +490,8 @@ class Editor(Shared):
         self.self_layers, self.self_steps, self.node, self.attention = self_layers, self_steps, node, attention
         self.target = target  # the target prompt (None: FPE, which has no prompt of its own)
         self.maps: dict[tuple, torch.Tensor] = {}  # (layer, sigma key) -> this run's edited token maps (local blend)
-        self.mappers: dict[tuple, object] = {}  # layouts (and step) -> expanded mapper (and column weights)
+        self.mappers: dict[tuple, torch.Tensor] = {}  # (source layout, target layout) -> expanded mapper
+        self.columns: dict[tuple, tuple] = {}  # (layouts, step, steps) -> (ws, wt) over the key columns
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()
 
@@ -615,10 +616,10 @@ class Editor(Shared):
         if lay_key not in self.mappers:
             self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
         at = (lay_key, step, self.record.num_steps)
-        if at not in self.mappers:
+        if at not in self.columns:
             ws, wt = self.cross.weights(step, self.record.num_steps)
-            self.mappers[at] = (expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
-        return (self.mappers[lay_key], *self.mappers[at])
+            self.columns[at] = (expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
+        return (self.mappers[lay_key], *self.columns[at])
 
     def _cross(self, patch: LayerPatch, sk: str, sigma: float, step: int, qc, kc, vc, live_qk, extra) -> list[Job] | None:
         """The cross-attention edit of the conditional chunk, and its edited token maps for local blend."""
