@@ -41,6 +41,11 @@ def chunks(extra: dict, batch: int) -> list[tuple[int, slice]]:
     return [(c, slice(i * per, (i + 1) * per)) for i, c in enumerate(cou)]
 
 
+def chunk_rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    """A chunk's rows of t (t itself when the chunk is the whole batch)."""
+    return t if rows.start == 0 and rows.stop >= t.shape[0] else t[rows]
+
+
 _last_sigma: tuple[object, float] = (None, 0.0)  # ComfyUI passes one sigmas tensor to every layer of a model call
 
 
@@ -216,7 +221,7 @@ class Recorder(Shared):
 
     def record_attention(self, patch: LayerPatch, q, k, extra, shared: dict | None = None) -> None:
         """Keeps what the record's spec asks for of one attention call's queries and keys (`shared`:
-        see SourceRecord.keep)."""
+        see SourceRecord.keep; a caller may seed it with copies it made, SourceRecord.offer)."""
         rec, key = self.record, patch.layer.key
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
             return
@@ -229,27 +234,27 @@ class Recorder(Shared):
                 if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level:
                     hw = spatial_hw(extra, q.shape[1])
                     rec.layer_hw.setdefault(key, (extra["n_heads"], hw))
-                    rec.map_tokens(key, sk, q[rows], k[rows])
+                    rec.map_tokens(key, sk, chunk_rows(q, rows), chunk_rows(k, rows))
                 continue
             if cou != COND:  # P2P and FPE edit the conditional half only
                 continue
             if patch.kind == "attn1":
                 if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
-                    rec.self_qk[(key, sk)] = (rec.keep(q[rows], shared), rec.keep(k[rows]))
+                    rec.self_qk[(key, sk)] = (rec.keep(chunk_rows(q, rows), shared), rec.keep(chunk_rows(k, rows), shared))
             else:
                 kept = None
                 kept_k = None
                 if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
-                    kept = rec.cross_q[(key, sk)] = rec.keep(q[rows], shared)
-                    kept_k = rec.keep_keys(rec.cross_k, key, sk, k[rows])
+                    kept = rec.cross_q[(key, sk)] = rec.keep(chunk_rows(q, rows), shared)
+                    kept_k = rec.keep_keys(rec.cross_k, key, sk, chunk_rows(k, rows))
                 if key not in rec.layer_hw:
                     rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
                 if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
-                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(q[rows], shared)
+                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(chunk_rows(q, rows), shared)
                     if kept_k is not None:
                         rec.map_k[(key, sk)] = kept_k
                     else:
-                        rec.keep_keys(rec.map_k, key, sk, k[rows])
+                        rec.keep_keys(rec.map_k, key, sk, chunk_rows(k, rows))
 
     def post_cfg(self, args):
         rec, denoised = self.record, args["denoised"]
@@ -549,7 +554,8 @@ class Editor(Shared):
                                   f"{src[name]}: use the same {what} in both branches")
 
     def _source(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        t = t.to(device=like.device, dtype=like.dtype)
+        if t.device != like.device or t.dtype != like.dtype:
+            t = t.to(device=like.device, dtype=like.dtype)
         return t.expand(like.shape[0], *t.shape[1:]) if t.shape[0] != like.shape[0] else t
 
     # -- attention ------------------------------------------------------------------------------
@@ -612,13 +618,14 @@ class Editor(Shared):
     def _columns(self, lay_s: torch.Tensor, lay_t: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
         """The alignment over the key columns of this layout pair (the same at every layer and step)
         and the step's weights (ws, wt) over the target's columns (the same at every layer)."""
-        lay_key = (lay_s.numpy().tobytes(), lay_t.numpy().tobytes())
+        lay_key = (tuple(lay_s.tolist()), tuple(lay_t.tolist()))
         if lay_key not in self.mappers:
             self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
         at = (lay_key, step, self.record.num_steps)
         if at not in self.columns:
             ws, wt = self.cross.weights(step, self.record.num_steps)
-            self.columns[at] = (expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0))
+            wt = expand_columns(wt, lay_t, 1.0)
+            self.columns[at] = (expand_columns(ws, lay_t, 0.0), wt if bool((wt != 0).any()) else None)
         return (self.mappers[lay_key], *self.columns[at])
 
     def _cross(self, patch: LayerPatch, sk: str, sigma: float, step: int, qc, kc, vc, live_qk, extra) -> list[Job] | None:
@@ -678,9 +685,9 @@ class Editor(Shared):
         live = int(extra.get(LIVE_SOURCE, 0))  # leading chunks: the source's conditional half, recomputed
         every = chunks(extra, q.shape[0])
         sources, targets = every[:live], every[live:]
-        parts = [(None, q[rows], k[rows], v[rows]) for _, rows in sources]  # the source attends as usual
+        parts = [(None, *(chunk_rows(t, rows) for t in (q, k, v))) for _, rows in sources]  # the source attends as usual
         for cou, rows in targets:
-            qc, kc, vc = q[rows], k[rows], v[rows]
+            qc, kc, vc = chunk_rows(q, rows), chunk_rows(k, rows), chunk_rows(v, rows)
             jobs: list[Job] | None = None  # None: this chunk attends as usual
             if cou == COND:  # P2P and FPE edit the conditional half only
                 sk = self.occurrences.key(sigma, patch.kind, key, cou)

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from .controllers import LayerPatch, Recorder, Shared, chunks
+from .controllers import LayerPatch, Recorder, Shared, chunk_rows, chunks
 from .inject import run_jobs
-from .joint import JOINT_LAYOUT, image_block, image_rows, join_heads
+from .joint import JOINT_LAYOUT, image_block_heads, image_rows, join_heads, split_heads
 from .layers import AttentionLayer
 from .record import RecordError
 
@@ -73,21 +74,28 @@ class JointPatch(Shared):
     own: dict[tuple[str, int], LayerPatch] = field(default_factory=dict)  # image->image parts
     previous: object = None
 
-    def rows(self, c: int, rows: slice, q, k, v, heads: int, text: int, plans: dict) -> torch.Tensor:
-        """One chunk's joint attention output, its image rows edited as its plans say."""
-        attend = self.controller.attention
+    def rows(self, c: int, rows: slice, q, k, v, heads: int, text: int, plans: dict, plain) -> torch.Tensor:
+        """One chunk's joint attention output in head layout (b, heads, L, D), its image rows edited
+        as its plans say (`plain(q, k, v)`: where they say nothing). q, k, v: the call's, in head layout."""
         cross_jobs = plans["attn2"][c][0] if "attn2" in plans else None
         self_jobs = plans["attn1"][c][0] if "attn1" in plans else None
-        q, k, v = q[rows], k[rows], v[rows]
+        q, k, v = (chunk_rows(t, rows) for t in (q, k, v))
         if cross_jobs is None and self_jobs is None:
-            return attend(q, k, v, heads)
-        qi, kt, vt = q[:, text:], k[:, :text], v[:, :text]
+            return plain(q, k, v)
         # the image rows are m X + B: X the text block's distribution (P2P-edited, or the target's own),
         # (B, m) the image block and the text mass it leaves (the source's when injected, else the target's)
-        x = run_jobs([cross_jobs], heads, attend)[0] if cross_jobs else attend(qi, kt, vt, heads)
-        ((q_b, k_b, v_image),) = self_jobs or [(qi, k, v[:, text:])]
-        block, mass = image_block(q_b, k_b, v_image, heads)
-        return torch.cat([attend(q[:, :text], k, v, heads), image_rows(x, block, mass)], 1)
+        if cross_jobs:
+            x = split_heads(run_jobs([cross_jobs], heads, self.controller.attention)[0], heads)
+        else:
+            x = F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text])
+        if self_jobs:  # the source's image queries and sequence (pack layout), our image values (head layout)
+            ((q_b, k_b, v_image),) = self_jobs
+            q_b, k_b = split_heads(q_b, heads), split_heads(k_b, heads)
+        else:
+            q_b, k_b, v_image = q[:, :, text:], k, v[:, :, text:]
+        block, mass = image_block_heads(q_b, k_b, v_image)
+        text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
+        return torch.cat([text_rows, image_rows(x, block, mass)], 2)
 
     def plain(self, func, *args, **kwargs):
         if self.previous is not None:
@@ -118,31 +126,36 @@ class JointPatch(Shared):
             cross, own = (p if p is not None and not ctl.idle(p, opts) else None for p in (cross, own))
             if cross is None and own is None:
                 return self.plain(func, *args, **kwargs)
-        if skip:  # Flux: (B, heads, L, D)
-            q, k = join_heads(q), join_heads(k)
-            v = None if recording else join_heads(v)
-        else:  # SD3: (B, L, heads * D), its values still (B, L, heads, D)
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
+        if not skip:  # SD3: (B, L, heads * D), its values (B, L, heads, D): as Flux's (B, heads, L, D) views
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
         # the image->text part as a cross-attention; the image->image part as the image queries over the
-        # whole sequence, on the image values (its output is the row's image block and text mass, joint.py)
-        qi = q[:, text:]
+        # whole sequence, on the image values (its output is the row's image block and text mass, joint.py).
+        # The parts see the pack's layout (B, L, heads * D), except the image values that the image
+        # block reads in head layout.
+        qi, k_all = join_heads(q[:, :, text:]), join_heads(k)
         if recording:
-            shared: dict = {}  # both parts' image queries are one tensor: kept once
-            for p, kp in ((cross, k[:, :text]), (own, k)):
+            shared: dict = {}  # both parts' image queries are one tensor: kept once; the copies made here are kept as made
+            for made, given in ((qi, args[0]), (k_all, args[1])):
+                if made.data_ptr() != given.data_ptr():
+                    ctl.record.offer(made, shared)
+            for p, kp in ((cross, k_all[:, :text]), (own, k_all)):
                 if p is not None:
                     ctl.record_attention(p, qi, kp, extra, shared)
             return self.plain(func, *args, **kwargs)
         parts = []
         if cross is not None:
-            parts.append((cross, qi, k[:, :text], v[:, :text]))
+            parts.append((cross, qi, k_all[:, :text], join_heads(v[:, :, :text])))
         if own is not None:
-            parts.append((own, qi, k, v[:, text:]))
+            parts.append((own, qi, k_all, v[:, :, text:]))
         plans = {p.kind: ctl.plan(p, qp, kp, vp, extra) for p, qp, kp, vp in parts}
         if all(jobs is None for plan in plans.values() for jobs, *_ in plan):
             return self.plain(func, *args, **kwargs)
-        pieces = [self.rows(c, rows, q, k, v, heads, text, plans) for c, (_, rows) in enumerate(chunks(extra, q.shape[0]))]
+
+        def plain(qc, kc, vc):  # a chunk that nothing edits: ComfyUI's attention (or the previous override's)
+            return self.plain(func, qc, kc, vc, heads, **dict(kwargs, skip_reshape=True, skip_output_reshape=True))
+
+        kwargs.pop("heads", None)
+        pieces = [self.rows(c, rows, q, k, v, heads, text, plans, plain) for c, (_, rows) in enumerate(chunks(extra, q.shape[0]))]
         out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        if kwargs.get("skip_output_reshape", False):
-            return out.reshape(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
-        return out
+        return out if kwargs.get("skip_output_reshape", False) else join_heads(out)

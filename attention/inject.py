@@ -13,6 +13,7 @@ Tensors use ComfyUI's attention layout: q, k, v are (batch, tokens, heads * dim_
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -40,6 +41,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
 Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (q, k, v) of one attention product
 
 
+@functools.lru_cache(maxsize=64)
+def _prompt_first(length: int, tokens: int) -> torch.Tensor:
+    """The layout of `length` key columns whose first `tokens` are the prompt's (shared: not to be written)."""
+    layout = torch.full((length,), -1, dtype=torch.long)
+    n = min(tokens, length)
+    layout[:n] = torch.arange(n)
+    return layout
+
+
 def key_layout(k: torch.Tensor, tokens: int) -> torch.Tensor:
     """The prompt token that each key column is, -1 for columns that are not the prompt's.
 
@@ -48,11 +58,9 @@ def key_layout(k: torch.Tensor, tokens: int) -> torch.Tensor:
     Other columns beyond the prompt (a ConditioningConcat) belong to no prompt token. Blocks are
     compared with a tolerance far below the difference of any two prompts' keys, because a
     projection need not round identical rows alike at every position."""
-    layout = torch.full((k.shape[1],), -1, dtype=torch.long)
-    n = min(tokens, k.shape[1])
-    layout[:n] = torch.arange(n)
     if k.shape[1] < 2 * tokens:  # no room for a repeated copy
-        return layout
+        return _prompt_first(k.shape[1], tokens)
+    layout = _prompt_first(k.shape[1], tokens).clone()
     first = k[:, :tokens].float()
     scale = float(first.abs().amax()) if first.numel() else 0.0
     for b in range(1, k.shape[1] // tokens if k.shape[1] > tokens else 1):
@@ -83,16 +91,20 @@ def cross_edit_jobs(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                     source_weight: torch.Tensor, target_weight: torch.Tensor) -> list[Job]:
     """The attention products whose sum is M_new V, M_new = (M_src A) diag(ws) + M_tgt diag(wt).
 
-    mapper A: (L_s, L_t) over the key columns; ws, wt: (L_t,) or (B, L_t). P2P's edits: ws =
-    t g c and wt = 1 - t + t (1 - g) c, with t the step window, g the alignment, c the weights.
+    mapper A: (L_s, L_t) over the key columns; ws, wt: (L_t,) or (B, L_t), wt None where it is
+    zero (the target's own map is then not read). P2P's edits: ws = t g c and
+    wt = 1 - t + t (1 - g) c, with t the step window, g the alignment, c the weights.
     """
-    ws = source_weight.to(v_t).expand(v_t.shape[0], -1)[..., None]
-    wt = target_weight.to(v_t).expand(v_t.shape[0], -1)[..., None]
-    v_src = torch.einsum("st,btc->bsc", mapper.to(v_t), ws * v_t)
+    v_src = torch.matmul(_like(mapper, v_t), _like(source_weight, v_t)[..., None] * v_t)
     jobs = [(q_s, k_s, v_src)]
-    if bool((wt != 0).any()):
-        jobs.append((q_t, k_t, wt * v_t))
+    if target_weight is not None and bool((target_weight != 0).any()):
+        jobs.append((q_t, k_t, _like(target_weight, v_t)[..., None] * v_t))
     return jobs
+
+
+def _like(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """t in other's dtype and device (itself when it is already)."""
+    return t if t.dtype == other.dtype and t.device == other.device else t.to(other)
 
 
 def run_jobs(groups: list[list[Job]], heads: int, attention: AttentionFn = sdpa) -> list[torch.Tensor]:

@@ -43,33 +43,44 @@ def join_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
+def _with_mass(q: torch.Tensor, k: torch.Tensor, v_marked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of head-layout q, k (B, H, L, D) on values that carry one more channel, 1 on the
+    keys whose mass is asked for: (output, mass (B, H, L, 1)). q and k get a zero channel so every
+    kernel sees equal head sizes."""
+    d = q.shape[-1]
+    out = F.scaled_dot_product_attention(F.pad(q, (0, 1)), F.pad(k, (0, 1)), v_marked, scale=d ** -0.5)
+    return out[..., :d], out[..., d:]
+
+
 def attention_with_text_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                              text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain joint attention (B, L, H*D) and every query's attention mass on the first
-    `text_tokens` keys, as (B, L, H*D) (each head's mass repeated over its channels).
-
-    One attention call: the values carry one more channel per head, 1 on the text keys, whose
-    output is the mass; q and k get a zero channel so every kernel sees equal head sizes."""
-    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    d = qh.shape[-1]
-    marker = torch.zeros(*vh.shape[:-1], 1, dtype=vh.dtype, device=vh.device)
-    marker[:, :, :text_tokens] = 1
-    pad = lambda t: torch.cat([t, torch.zeros_like(t[..., :1])], -1)  # noqa: E731
-    out = F.scaled_dot_product_attention(pad(qh), pad(kh), torch.cat([vh, marker], -1), scale=d ** -0.5)
-    mass = out[..., d:].expand(*out.shape[:-1], d)
-    return join_heads(out[..., :d]), join_heads(mass)
+    `text_tokens` keys, as (B, L, H*D) (each head's mass repeated over its channels), in one call."""
+    v_marked = F.pad(split_heads(v, heads), (0, 1))
+    v_marked[..., :text_tokens, -1] = 1
+    out, mass = _with_mass(split_heads(q, heads), split_heads(k, heads), v_marked)
+    return join_heads(out), join_heads(mass.expand_as(out))
 
 
 def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Image queries' output from its blocks: m X + B."""
-    return mass * cross + image_block
+    return torch.addcmul(image_block, mass, cross)
+
+
+def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, m) of head-layout image queries q (B, H, N, D) over a joint sequence k = [text; image]:
+    the rows' image block (their attention to the image keys on the values v_image) and their text
+    mass (B, H, N, 1). The text count is what k holds beyond the image values, so the source's
+    sequence serves an injection into a target whose prompt has another length: the source's map
+    and mass, the target's image values."""
+    text, d = k.shape[2] - v_image.shape[2], v_image.shape[-1]
+    v = v_image.new_zeros(*v_image.shape[:2], k.shape[2], d + 1)
+    v[:, :, text:, :d] = v_image
+    v[:, :, :text, d] = 1
+    return _with_mass(q, k, v)
 
 
 def image_block(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, m) of image queries q over a joint sequence k = [text; image]: the rows' image block (their
-    attention to the image keys on the values v_image) and their text mass. The text count is what k
-    holds beyond the image values, so the source's sequence serves an injection into a target whose
-    prompt has another length: the source's map and mass, the target's image values."""
-    text = k.shape[1] - v_image.shape[1]
-    v = torch.cat([v_image.new_zeros(v_image.shape[0], text, v_image.shape[2]), v_image], 1)
-    return attention_with_text_mass(q, k, v, heads, text)
+    """image_block_heads in the pack's layout (B, L, H*D), the mass repeated over each head's channels."""
+    block, mass = image_block_heads(split_heads(q, heads), split_heads(k, heads), split_heads(v_image, heads))
+    return join_heads(block), join_heads(mass.expand_as(block))

@@ -132,6 +132,12 @@ class SourceRecord:
         t = t.detach()
         return t.to(self.spec.storage_dtype) if self.spec.storage_dtype is not None else t.clone()
 
+    def offer(self, t: torch.Tensor, shared: dict) -> None:
+        """Seeds `shared` (see keep) with a copy the caller made of its own tensors: kept without
+        another copy where the storage dtype allows."""
+        if self.spec.storage_dtype in (None, t.dtype):
+            shared[(t.data_ptr(), tuple(t.shape), t.stride())] = t.detach()
+
     def keep_keys(self, table: dict, key, sk: str, k: torch.Tensor) -> torch.Tensor:
         """Keeps a layer's text keys for this evaluation. A UNet's are the same at every step
         (the prompt through a fixed projection): the entries then share one tensor. A flow

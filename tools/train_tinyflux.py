@@ -161,7 +161,7 @@ def train(args) -> None:
     flux = build_flux(args.seed)
 
     def loss_at(step: int) -> torch.Tensor:
-        xt, s, captions, target = batch(args.seed, step, args.batch, args.logit_normal, args.logit_mean)
+        xt, s, captions, target = batch(args.data_seed if args.data_seed is not None else args.seed, step, args.batch, args.logit_normal, args.logit_mean)
         loss = torch.zeros(())
         for rows, ctx, pooled in grouped(captions, emb):
             v = forward(flux, xt[rows], s[rows], ctx, pooled)
@@ -170,7 +170,7 @@ def train(args) -> None:
 
     run = training.Run(flux, "flux", pathlib.Path(args.state), "tinyflux_log.txt", args.save_every, args.eval_every,
                        ema_decay=args.ema, init_from=args.init_from)
-    training.train(run, training.Schedule(args.lr, args.steps, floor=0.1), loss_at,
+    training.train(run, training.Schedule(args.lr, args.steps, floor=args.lr_floor), loss_at,
                    lambda ema: export(ema, te, pathlib.Path(args.out)),
                    training.caption_check(lambda: build_flux(args.seed), lambda net: caption_accuracy(net, emb),
                                           "36 samples, 16 euler steps, cfg 4"), stop=args.stop_at)
@@ -287,7 +287,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6000, help="total optimiser steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and the frozen text encoder's weights")
+    ap.add_argument("--data-seed", type=int, help="seed of the training images (default --seed); a later stage "
+                    "given a new one sees images the earlier stages did not")
+    ap.add_argument("--lr-floor", type=float, default=0.1, help="fraction of --lr the cosine decays to")
     ap.add_argument("--logit-normal", type=float, default=0.75, help="fraction of times drawn logit-normal")
     ap.add_argument("--logit-mean", type=float, default=0.0,
                     help="mean of the logit-normal times (SD3's m; positive: more high-noise steps)")
