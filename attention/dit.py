@@ -135,9 +135,9 @@ class JointPatch(Shared):
         # block reads in head layout.
         qi, k_all = join_heads(q[:, :, text:]), join_heads(k)
         if recording:
-            shared: dict = {}  # both parts' image queries are one tensor: kept once; the copies made here are kept as made
+            shared: dict = {}  # both parts' image queries are one tensor: kept once; copies made here are kept as made
             for made, given in ((qi, args[0]), (k_all, args[1])):
-                if made.data_ptr() != given.data_ptr():
+                if made.untyped_storage().data_ptr() != given.untyped_storage().data_ptr():  # a copy, not a view
                     ctl.record.offer(made, shared)
             for p, kp in ((cross, k_all[:, :text]), (own, k_all)):
                 if p is not None:

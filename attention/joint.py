@@ -14,10 +14,13 @@ apply to the blocks as they do to a UNet's two attentions:
   shape, in place of the target's; the text block takes the rest of the row, m = the source's
   text mass, distributed over the words as the target's X (or its P2P edit).
 B and m come from one attention of the image queries over the whole sequence (text values
-zeroed, one channel summing the text mass), so an edited call costs about what the plain one does. Text queries attend
-as usual: the edits are of the image.
+zeroed, one channel summing the text mass). With the text rows and X, an edited call's three
+attention products do the plain call's work plus the image queries over the text keys once more.
+Text queries attend as usual: the edits are of the image.
 
-Tensors use the pack's attention layout, (batch, tokens, heads * dim_head).
+Tensors use the pack's attention layout, (batch, tokens, heads * dim_head), except where a name
+says `heads`: ComfyUI's head layout (batch, heads, tokens, dim_head), in which Flux hands over its
+queries, keys and values, and which the adapter edits in without copying them to the pack's.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 (multi-evaluation samplers such as heun call the model between schedule sigmas)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
     return max(int((schedule >= sigma * (1 - 1e-5)).sum()) - 1, 0)
 
 
+@functools.lru_cache(maxsize=1024)
 def sigma_key(sigma: float) -> str:
     """A dictionary key that identifies one model evaluation of a run."""
     return f"{float(sigma):.7g}"

@@ -76,6 +76,18 @@ def test_recorded_parts_have_the_token_counts_of_text_and_image(dit, comfy_nodes
         assert cat == [3, 77 + 3] and [store.prompt.keys[p] for p in cat] == [ids[3], ids[80]]
 
 
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_the_store_owns_exactly_what_it_keeps(dit, comfy_nodes, cfg):
+    """Every kept tensor owns exactly its data: no view of ComfyUI's queries and keys, of the whole
+    sequence or of the unconditional half (cfg 3 batches both halves, cfg 1 runs the conditional
+    one alone). The copies the adapter makes are kept as made, the rest copied."""
+    _, model, clip = dit
+    m, pos, store = comfy_nodes["AttentionStore"].execute(model, clip, "a red cat.", 1.0, "all", 1.0, "model dtype").result
+    sample(m, pos, encode(clip, ""), cfg=cfg)
+    kept = [t for pair in store.self_qk.values() for t in pair] + [*store.cross_k.values(), *store.map_k.values()]
+    assert kept and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in kept)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_injecting_own_attention_reproduces_the_plain_sample(dit, comfy_nodes, sampler):
     """Replace with target = source, and FPE on every block, each for all steps: the joint attention
