@@ -49,6 +49,11 @@ def image_tokens(latent_shape: tuple[int, ...], patch_size: int) -> int:
     return -(-h // patch_size) * -(-w // patch_size)
 
 
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b view the same elements (the source's image queries that both parts read)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 @dataclass
 class BlockName(Shared):
     """SD3's per-block "dit" replace patch: names the block in transformer_options, then runs
@@ -82,6 +87,14 @@ class JointPatch(Shared):
         q, k, v = (chunk_rows(t, rows) for t in (q, k, v))
         if cross_jobs is None and self_jobs is None:
             return plain(q, k, v)
+        text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
+        if self_jobs and cross_jobs and len(cross_jobs) == 1 and same_tensor(cross_jobs[0][0], self_jobs[0][0]):
+            # P2P with both injected and no share of the target's own map (wt = 0): the row is the
+            # source's whole joint map, its text columns read through the alignment (m X + B in one call)
+            ((q_s, k_s, v_image),), v_text = self_jobs, cross_jobs[0][2]
+            v_s = torch.cat([split_heads(v_text, heads), v_image], 2)
+            image = F.scaled_dot_product_attention(split_heads(q_s, heads), split_heads(k_s, heads), v_s)
+            return torch.cat([text_rows, image], 2)
         # the image rows are m X + B: X the text block's distribution (P2P-edited, or the target's own),
         # (B, m) the image block and the text mass it leaves (the source's when injected, else the target's)
         if cross_jobs:
@@ -94,7 +107,6 @@ class JointPatch(Shared):
         else:
             q_b, k_b, v_image = q[:, :, text:], k, v[:, :, text:]
         block, mass = image_block_heads(q_b, k_b, v_image)
-        text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
         return torch.cat([text_rows, image_rows(x, block, mass)], 2)
 
     def plain(self, func, *args, **kwargs):

@@ -81,3 +81,16 @@ def test_a_source_prompt_of_another_length_injects_its_image_block():
     # the mass is the source's own: its image-only attention equals the short sequence's joint rows
     full, full_mass = attention_with_text_mass(q_src, k_src, torch.cat([torch.zeros_like(ones[:, :short]), ones[:, T:]], 1), H, short)
     assert torch.equal(block, full) and torch.equal(mass, full_mass)
+
+
+def test_both_parts_from_the_source_are_one_attention_over_its_sequence():
+    """P2P with the image block and the text block both the source's (no share of the target's own
+    map): m X + B, X over the aligned text values, is the source's joint row on [text values; image
+    values], which the adapter computes in one call."""
+    for seed in range(5):
+        q_src, k_src, v_text = qkv(seed)
+        _, _, v_image = qkv(seed + 100)
+        qi, v_text, v_image = q_src[:, T:], v_text[:, :T], v_image[:, T:]
+        block, mass = image_block(qi, k_src, v_image, H)
+        rows = image_rows(sdpa(qi, k_src[:, :T], v_text, H), block, mass)
+        assert (rows - sdpa(qi, k_src, torch.cat([v_text, v_image], 1), H)).abs().max() < TOL
