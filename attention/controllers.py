@@ -617,7 +617,8 @@ class Editor(Shared):
 
     def _columns(self, lay_s: torch.Tensor, lay_t: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
         """The alignment over the key columns of this layout pair (the same at every layer and step)
-        and the step's weights (ws, wt) over the target's columns (the same at every layer)."""
+        and the step's weights (ws, wt) over the target's columns (the same at every layer; wt None
+        where it is zero, so the target's own map is not read)."""
         lay_key = (tuple(lay_s.tolist()), tuple(lay_t.tolist()))
         if lay_key not in self.mappers:
             self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)

@@ -88,7 +88,7 @@ def expand_mapper(mapper: torch.Tensor, src_layout: torch.Tensor, tgt_layout: to
 
 def cross_edit_jobs(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                     q_s: torch.Tensor, k_s: torch.Tensor, mapper: torch.Tensor,
-                    source_weight: torch.Tensor, target_weight: torch.Tensor) -> list[Job]:
+                    source_weight: torch.Tensor, target_weight: torch.Tensor | None) -> list[Job]:
     """The attention products whose sum is M_new V, M_new = (M_src A) diag(ws) + M_tgt diag(wt).
 
     mapper A: (L_s, L_t) over the key columns; ws, wt: (L_t,) or (B, L_t), wt None where it is

@@ -16,6 +16,8 @@ apply to the blocks as they do to a UNet's two attentions:
 B and m come from one attention of the image queries over the whole sequence (text values
 zeroed, one channel summing the text mass). With the text rows and X, an edited call's three
 attention products do the plain call's work plus the image queries over the text keys once more.
+With both parts the source's (P2P inside both windows, no share of the target's own map), m X + B
+is the source's joint row on [aligned text values; image values]: one call (dit.py).
 Text queries attend as usual: the edits are of the image.
 
 Tensors use the pack's attention layout, (batch, tokens, heads * dim_head), except where a name
