@@ -222,39 +222,43 @@ class Recorder(Shared):
     def record_attention(self, patch: LayerPatch, q, k, extra, shared: dict | None = None) -> None:
         """Keeps what the record's spec asks for of one attention call's queries and keys (`shared`:
         see SourceRecord.keep; a caller may seed it with copies it made, SourceRecord.offer)."""
-        rec, key = self.record, patch.layer.key
+        self.record_parts([(patch, k)], q, extra, shared)
+
+    def record_parts(self, parts: list[tuple[LayerPatch, torch.Tensor]], q, extra, shared: dict | None = None) -> None:
+        """record_attention for the parts of one call that share its queries (a joint attention's
+        image->text and image->image parts), each with its keys."""
+        rec, spec = self.record, self.record.spec
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
             return
         sigma = current_sigma(extra)
         step = self.occurrences.step(sigma, rec.sample_sigmas)
-        spec = rec.spec
         for cou, rows in chunks(extra, q.shape[0]):
-            sk = self.occurrences.key(sigma, patch.kind, key, cou)
-            if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
-                if patch.kind == "attn2" and cou == COND and patch.layer.level == rec.map_level:
-                    hw = spatial_hw(extra, q.shape[1])
-                    rec.layer_hw.setdefault(key, (extra["n_heads"], hw))
-                    rec.map_tokens(key, sk, chunk_rows(q, rows), chunk_rows(k, rows))
+            if cou != COND:  # P2P and FPE edit the conditional half only (local blend reads it too)
                 continue
-            if cou != COND:  # P2P and FPE edit the conditional half only
-                continue
-            if patch.kind == "attn1":
-                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
-                    rec.self_qk[(key, sk)] = (rec.keep(chunk_rows(q, rows), shared), rec.keep(chunk_rows(k, rows), shared))
-            else:
-                kept = None
-                kept_k = None
-                if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
-                    kept = rec.cross_q[(key, sk)] = rec.keep(chunk_rows(q, rows), shared)
-                    kept_k = rec.keep_keys(rec.cross_k, key, sk, chunk_rows(k, rows))
-                if key not in rec.layer_hw:
-                    rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
-                if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
-                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(chunk_rows(q, rows), shared)
-                    if kept_k is not None:
-                        rec.map_k[(key, sk)] = kept_k
-                    else:
-                        rec.keep_keys(rec.map_k, key, sk, chunk_rows(k, rows))
+            qc = chunk_rows(q, rows)
+            for patch, k in parts:
+                key, kc = patch.layer.key, chunk_rows(k, rows)
+                sk = self.occurrences.key(sigma, patch.kind, key, cou)
+                if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
+                    if patch.kind == "attn2" and patch.layer.level == rec.map_level:
+                        rec.layer_hw.setdefault(key, (extra["n_heads"], spatial_hw(extra, q.shape[1])))
+                        rec.map_tokens(key, sk, qc, kc)
+                elif patch.kind == "attn1":
+                    if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
+                        rec.self_qk[(key, sk)] = (rec.keep(qc, shared), rec.keep(kc, shared))
+                else:
+                    kept = kept_k = None
+                    if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
+                        kept = rec.cross_q[(key, sk)] = rec.keep(qc, shared)
+                        kept_k = rec.keep_keys(rec.cross_k, key, sk, kc)
+                    if key not in rec.layer_hw:
+                        rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
+                    if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
+                        rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(qc, shared)
+                        if kept_k is not None:
+                            rec.map_k[(key, sk)] = kept_k
+                        else:
+                            rec.keep_keys(rec.map_k, key, sk, kc)
 
     def post_cfg(self, args):
         rec, denoised = self.record, args["denoised"]
@@ -499,6 +503,7 @@ class Editor(Shared):
         self.columns: dict[tuple, tuple] = {}  # (layouts, step, steps) -> (ws, wt) over the key columns
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()
+        self._idle: dict[tuple, bool] = {}  # (kind, layer, step) -> idle(), for the run in progress
 
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -514,6 +519,7 @@ class Editor(Shared):
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node, executor)
             check_inversion_guidance(executor, self.node)
         self.maps.clear()
+        self._idle.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()
         try:
@@ -660,10 +666,15 @@ class Editor(Shared):
         injection, no token maps for local blend): a caller may then skip plan()."""
         rec = self.record
         step = self.occurrences.step(current_sigma(extra), rec.sample_sigmas)
-        if patch.kind == "attn1":
-            return not (patch.layer.key in self.self_layers and self.self_steps.active(step, rec.num_steps))
-        injects = self.cross is not None and self.cross.active(step, rec.num_steps)
-        return not injects and not (self.blend is not None and patch.layer.level == rec.map_level)
+        at = (patch.kind, patch.layer.key, step)
+        if at not in self._idle:  # every model call asks for every layer: decided once per run and step
+            if patch.kind == "attn1":
+                idle = not (patch.layer.key in self.self_layers and self.self_steps.active(step, rec.num_steps))
+            else:
+                injects = self.cross is not None and self.cross.active(step, rec.num_steps)
+                idle = not injects and not (self.blend is not None and patch.layer.level == rec.map_level)
+            self._idle[at] = idle
+        return self._idle[at]
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         parts = self.plan(patch, q, k, v, extra)

@@ -21,7 +21,7 @@ from .controllers import LayerPatch, Recorder, Shared, chunk_rows, chunks
 from .inject import run_jobs
 from .joint import JOINT_LAYOUT, image_block_heads, image_rows, join_heads, split_heads
 from .layers import AttentionLayer
-from .record import RecordError
+from .record import COND, RecordError
 
 
 def is_dit(model: torch.nn.Module) -> bool:
@@ -123,8 +123,8 @@ class JointPatch(Shared):
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         skip = bool(kwargs.get("skip_reshape", False))
         length = q.shape[2] if skip else q.shape[1]
-        if (cross is None and own is None) or layout is None:
-            return self.plain(func, *args, **kwargs)
+        if (cross is None and own is None) or layout is None or COND not in opts.get("cond_or_uncond", ()):
+            return self.plain(func, *args, **kwargs)  # the store keeps, and the edits change, the conditional half only
         if kwargs.get("mask") is not None:  # e.g. Chroma's T5 padding mask: the parts would need it too
             raise RecordError(f"{getattr(self.controller, 'node', 'AttentionStore')}: this model masks its "
                               "joint attention (an attention mask, as Chroma's), which the pack cannot edit: use a "
@@ -151,9 +151,8 @@ class JointPatch(Shared):
             for made, given in ((qi, args[0]), (k_all, args[1])):
                 if made.untyped_storage().data_ptr() != given.untyped_storage().data_ptr():  # a copy, not a view
                     ctl.record.offer(made, shared)
-            for p, kp in ((cross, k_all[:, :text]), (own, k_all)):
-                if p is not None:
-                    ctl.record_attention(p, qi, kp, extra, shared)
+            ctl.record_parts([(p, kp) for p, kp in ((cross, k_all[:, :text]), (own, k_all)) if p is not None],
+                             qi, extra, shared)
             return self.plain(func, *args, **kwargs)
         parts = []
         if cross is not None:

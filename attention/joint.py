@@ -13,9 +13,9 @@ apply to the blocks as they do to a UNet's two attentions:
 - self-attention injection (P2P's early steps, FPE) puts the source's image block B, mass and
   shape, in place of the target's; the text block takes the rest of the row, m = the source's
   text mass, distributed over the words as the target's X (or its P2P edit).
-B and m come from one attention of the image queries over the whole sequence (text values
-zeroed, one channel summing the text mass). With the text rows and X, an edited call's three
-attention products do the plain call's work plus the image queries over the text keys once more.
+B = (1 - m) Y and m come from the image block's attention and the two blocks' log-sum-exps
+(image_block_heads). With the text rows and X, an edited call's attention products do the plain
+call's work plus the image queries over the text keys once more.
 With both parts the source's (P2P inside both windows, no share of the target's own map), m X + B
 is the source's joint row on [aligned text values; image values]: one call (dit.py).
 Text queries attend as usual: the edits are of the image.
@@ -48,41 +48,49 @@ def join_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
-def _with_mass(q: torch.Tensor, k: torch.Tensor, v_marked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of head-layout q, k (B, H, L, D) on values that carry one more channel, 1 on the
-    keys whose mass is asked for: (output, mass (B, H, L, 1)). q and k get a zero channel so every
-    kernel sees equal head sizes."""
-    d = q.shape[-1]
-    out = F.scaled_dot_product_attention(F.pad(q, (0, 1)), F.pad(k, (0, 1)), v_marked, scale=d ** -0.5)
-    return out[..., :d], out[..., d:]
-
-
-def attention_with_text_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                             text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain joint attention (B, L, H*D) and every query's attention mass on the first
-    `text_tokens` keys, as (B, L, H*D) (each head's mass repeated over its channels), in one call."""
-    v_marked = F.pad(split_heads(v, heads), (0, 1))
-    v_marked[..., :text_tokens, -1] = 1
-    out, mass = _with_mass(split_heads(q, heads), split_heads(k, heads), v_marked)
-    return join_heads(out), join_heads(mass.expand_as(out))
-
-
 def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Image queries' output from its blocks: m X + B."""
     return torch.addcmul(image_block, mass, cross)
 
 
-def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head-layout attention and its rows' log-sum-exp (B, H, N, 1), float32, where the kernel hands
+    it out: PyTorch's CPU flash kernel, the one scaled_dot_product_attention runs on a CPU (same
+    output). Elsewhere (None) the caller measures the mass another way."""
+    if _CPU_FLASH is not None and q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] \
+            and q.dtype == k.dtype == v.dtype:
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False)
+        return out, lse.unsqueeze(-1)
+    return F.scaled_dot_product_attention(q, k, v), None
+
+
+def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor,
+                      lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, m) of head-layout image queries q (B, H, N, D) over a joint sequence k = [text; image]:
     the rows' image block (their attention to the image keys on the values v_image) and their text
     mass (B, H, N, 1). The text count is what k holds beyond the image values, so the source's
     sequence serves an injection into a target whose prompt has another length: the source's map
-    and mass, the target's image values."""
-    text, d = k.shape[2] - v_image.shape[2], v_image.shape[-1]
-    v = v_image.new_zeros(*v_image.shape[:2], k.shape[2], d + 1)
-    v[:, :, text:, :d] = v_image
-    v[:, :, :text, d] = 1
-    return _with_mass(q, k, v)
+    and mass, the target's image values.
+
+    B = (1 - m) Y with Y the attention over the image keys alone. m = sigmoid(lse_text - lse_image)
+    from the two blocks' log-sum-exps where the kernel gives them (`lse`, attention_lse); else from
+    one more attention over the whole sequence on values that mark the text keys. Either way every
+    call has equal head sizes, so it stays on the fused kernels (a value channel more would not)."""
+    text = k.shape[2] - v_image.shape[2]
+    y, lse_image = attention_lse(q, k[:, :, text:], v_image) if lse else (
+        F.scaled_dot_product_attention(q, k[:, :, text:], v_image), None)
+    if text == 0:
+        mass = y.new_zeros(*y.shape[:3], 1)
+    elif lse_image is not None and (lse_text := attention_lse(q, k[:, :, :text], k[:, :, :text])[1]) is not None:
+        mass = torch.sigmoid(lse_text - lse_image).to(y.dtype)
+    else:
+        marker = q.new_zeros(*k.shape[:3], q.shape[-1])
+        marker[:, :, :text, 0] = 1
+        mass = F.scaled_dot_product_attention(q, k, marker)[..., :1]
+    return torch.addcmul(y, mass, y, value=-1), mass
 
 
 def image_block(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,13 +10,27 @@ from conftest import REPO
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import torch.nn.functional as F  # noqa: E402
+
 from attention.inject import sdpa  # noqa: E402
-from attention.joint import attention_with_text_mass, image_block, image_rows  # noqa: E402
+from attention.joint import image_block, image_block_heads, image_rows, join_heads, split_heads  # noqa: E402
 
 B, T, N, H, D = 2, 7, 10, 4, 8
 # float32 rounding of a softmax over 17 keys and its recombination: measured up to 2.9e-6 on
 # values of scale 2 over 50 seeds; 2e-5 leaves room for other CPUs' kernels.
 TOL = 2e-5
+
+
+def attention_with_text_mass(q, k, v, heads: int, text_tokens: int):
+    """Reference: the plain joint attention (B, L, H*D) and every query's mass on the first
+    `text_tokens` keys (repeated over each head's channels), from one value channel more that is 1
+    on the text keys (q and k padded alike)."""
+    d = q.shape[-1] // heads
+    v_marked = F.pad(split_heads(v, heads), (0, 1))
+    v_marked[..., :text_tokens, -1] = 1
+    out = F.scaled_dot_product_attention(F.pad(split_heads(q, heads), (0, 1)), F.pad(split_heads(k, heads), (0, 1)),
+                                         v_marked, scale=d ** -0.5)
+    return join_heads(out[..., :d]), join_heads(out[..., d:].expand_as(out[..., :d]))
 
 
 def qkv(seed: int):
@@ -80,7 +94,20 @@ def test_a_source_prompt_of_another_length_injects_its_image_block():
     assert torch.isfinite(total).all() and (total - 1).abs().max() < TOL
     # the mass is the source's own: its image-only attention equals the short sequence's joint rows
     full, full_mass = attention_with_text_mass(q_src, k_src, torch.cat([torch.zeros_like(ones[:, :short]), ones[:, T:]], 1), H, short)
-    assert torch.equal(block, full) and torch.equal(mass, full_mass)
+    assert (block - full).abs().max() < TOL and (mass - full_mass).abs().max() < TOL
+
+
+def test_the_mass_from_log_sum_exps_equals_the_mass_from_a_marked_value():
+    """image_block_heads' two ways to the text mass (the CPU kernel's log-sum-exps; one attention
+    over the whole sequence on marked values, for other devices) agree, and match the softmax."""
+    for seed in range(5):
+        q, k, v = qkv(seed)
+        qh, kh, vh = (split_heads(t, H) for t in (q[:, T:], k, v[:, T:]))
+        by_lse, by_marker = image_block_heads(qh, kh, vh), image_block_heads(qh, kh, vh, lse=False)
+        expected = (qh @ kh.transpose(-1, -2) / D ** 0.5).softmax(-1)[..., :T].sum(-1, keepdim=True)
+        for block, mass in (by_lse, by_marker):
+            assert (mass - expected).abs().max() < TOL
+            assert (block - by_marker[0]).abs().max() < TOL
 
 
 def test_both_parts_from_the_source_are_one_attention_over_its_sequence():
