@@ -30,12 +30,13 @@ class ShapeSpec:
         return f"{text} on a {self.background} background" if with_background else text
 
 
-def random_spec(rng: np.random.Generator, size: int = IMAGE_SIZE) -> ShapeSpec:
+def random_spec(rng: np.random.Generator, size: int = IMAGE_SIZE, shape_p: tuple[float, ...] | None = None) -> ShapeSpec:
+    """`shape_p`: probabilities of SHAPES (default uniform, drawn as before so old data seeds repeat)."""
     radius = rng.uniform(0.21, 0.36) * size
     margin = radius + size / 32
     return ShapeSpec(
         colour=str(rng.choice(list(COLOURS))),
-        shape=str(rng.choice(SHAPES)),
+        shape=str(rng.choice(SHAPES) if shape_p is None else rng.choice(SHAPES, p=shape_p)),
         background=str(rng.choice(list(BACKGROUNDS))),
         cx=float(rng.uniform(margin, size - margin)),
         cy=float(rng.uniform(margin, size - margin)),

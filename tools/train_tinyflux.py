@@ -88,14 +88,25 @@ def forward(flux: Flux, x: torch.Tensor, sigma: torch.Tensor, ctx: torch.Tensor,
         return flux(x, sigma, ctx, y=pooled)
 
 
-def batch(seed: int, step: int, size: int, logit_normal: float, logit_mean: float = 0.0):
+def shape_weights(text: str | None) -> tuple[float, ...] | None:
+    """'1,1,2' -> probabilities of shapes.SHAPES."""
+    if not text:
+        return None
+    w = [float(x) for x in text.split(",")]
+    if len(w) != len(shapes.SHAPES) or min(w) < 0 or sum(w) <= 0:
+        raise SystemExit(f"--shape-weights wants {len(shapes.SHAPES)} non-negative numbers ({','.join(shapes.SHAPES)}), got {text!r}")
+    return tuple(x / sum(w) for x in w)
+
+
+def batch(seed: int, step: int, size: int, logit_normal: float, logit_mean: float = 0.0,
+          shape_p: tuple[float, ...] | None = None):
     """Noisy latents on ComfyUI's flow (x_t = (1 - s) x0 + s noise), their velocity target and captions.
 
     Times: a fraction `logit_normal` from SD3's logit-normal with mean `logit_mean` (positive: towards
     high noise, where layout and shape are decided), the rest uniform, both through Flux's shift as
     the sampler's schedule is."""
     rng = np.random.default_rng([seed, step])
-    specs = [shapes.random_spec(rng) for _ in range(size)]
+    specs = [shapes.random_spec(rng, shape_p=shape_p) for _ in range(size)]
     x0 = torch.from_numpy(tinysd.encode_images(np.stack([shapes.render(s) for s in specs])))
     captions = [s.caption(with_background=rng.random() < 0.5) for s in specs]
     captions = ["" if rng.random() < 0.1 else c for c in captions]  # for classifier-free guidance
@@ -161,7 +172,8 @@ def train(args) -> None:
     flux = build_flux(args.seed)
 
     def loss_at(step: int) -> torch.Tensor:
-        xt, s, captions, target = batch(args.data_seed if args.data_seed is not None else args.seed, step, args.batch, args.logit_normal, args.logit_mean)
+        xt, s, captions, target = batch(args.data_seed if args.data_seed is not None else args.seed, step, args.batch, args.logit_normal, args.logit_mean,
+                                        shape_weights(args.shape_weights))
         loss = torch.zeros(())
         for rows, ctx, pooled in grouped(captions, emb):
             v = forward(flux, xt[rows], s[rows], ctx, pooled)
@@ -290,6 +302,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="initialisation and the frozen text encoder's weights")
     ap.add_argument("--data-seed", type=int, help="seed of the training images (default --seed); a later stage "
                     "given a new one sees images the earlier stages did not")
+    ap.add_argument("--shape-weights", help="relative frequency of circle,square,triangle in the training images "
+                    "(default equal); a later stage can weight the shape the model draws worst")
     ap.add_argument("--lr-floor", type=float, default=0.1, help="fraction of --lr the cosine decays to")
     ap.add_argument("--logit-normal", type=float, default=0.75, help="fraction of times drawn logit-normal")
     ap.add_argument("--logit-mean", type=float, default=0.0,
