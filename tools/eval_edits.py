@@ -35,7 +35,7 @@ def main() -> None:
                     help="local blend as P2P sets it up (maps at <= 16x16, threshold 0.3, 3x3 dilation) instead of "
                          "TinySD's (level 1, 0.5, none)")
     ap.add_argument("--kinds", default="colour,shape,refine")
-    ap.add_argument("--ckpt", help="a TinySD checkpoint other than the shipped one")
+    ap.add_argument("--ckpt", help="a checkpoint of --model other than the shipped one (e.g. a training stage's)")
     ap.add_argument("--sampler", default="euler", help="a ComfyUI sampler name ('ddim' is euler)")
     ap.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name")
     ap.add_argument("--steps", type=int, default=20)
@@ -51,8 +51,9 @@ def main() -> None:
         opts["scheduler"] = graphs.TINYFLUX_SCHEDULER if args.scheduler == "normal" else args.scheduler
     tiny = inproc.Tiny.load("TinyFluxCheckpointLoader" if flux else "TinySDCheckpointLoader", **opts)
     if args.ckpt:
+        import tinyflux
         import tinysd
-        tiny = inproc.Tiny(*tinysd.load_checkpoint(args.ckpt), **opts)
+        tiny = inproc.Tiny(*(tinyflux if flux else tinysd).load_checkpoint(args.ckpt), **opts)
     if args.reweight_only:
         return reweight(tiny)
     results: dict[tuple[str, str], list[dict]] = defaultdict(list)
