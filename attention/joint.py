@@ -53,6 +53,7 @@ def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tenso
     return torch.addcmul(image_block, mass, cross)
 
 
+SMALL_SCORES = 1 << 18  # image_block_heads: up to this many scores, explicit softmax (1 MiB in float32)
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -78,8 +79,13 @@ def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor,
     B = (1 - m) Y with Y the attention over the image keys alone. m = sigmoid(lse_text - lse_image)
     from the two blocks' log-sum-exps where the kernel gives them (`lse`, attention_lse); else from
     one more attention over the whole sequence on values that mark the text keys. Either way every
-    call has equal head sizes, so it stays on the fused kernels (a value channel more would not)."""
+    call has equal head sizes, so it stays on the fused kernels (a value channel more would not).
+    Calls of at most SMALL_SCORES scores take one explicit softmax instead (`lse=False`: never)."""
     text = k.shape[2] - v_image.shape[2]
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES and lse:
+        # a small call (a demo model's): one explicit softmax costs less than two kernel launches
+        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        return p[..., text:] @ v_image, p[..., :text].sum(-1, keepdim=True)
     y, lse_image = attention_lse(q, k[:, :, text:], v_image) if lse else (
         F.scaled_dot_product_attention(q, k[:, :, text:], v_image), None)
     if text == 0:

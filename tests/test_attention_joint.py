@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from unittest.mock import patch
 
 import torch
 
@@ -12,6 +13,7 @@ if str(REPO) not in sys.path:
 
 import torch.nn.functional as F  # noqa: E402
 
+import attention.joint as joint  # noqa: E402
 from attention.inject import sdpa  # noqa: E402
 from attention.joint import image_block, image_block_heads, image_rows, join_heads, split_heads  # noqa: E402
 
@@ -98,14 +100,17 @@ def test_a_source_prompt_of_another_length_injects_its_image_block():
 
 
 def test_the_mass_from_log_sum_exps_equals_the_mass_from_a_marked_value():
-    """image_block_heads' two ways to the text mass (the CPU kernel's log-sum-exps; one attention
-    over the whole sequence on marked values, for other devices) agree, and match the softmax."""
+    """image_block_heads' three ways to the block and the text mass (one explicit softmax for small
+    calls; the CPU kernel's log-sum-exps; one attention over the whole sequence on marked values,
+    for other devices) agree, and match the softmax."""
     for seed in range(5):
         q, k, v = qkv(seed)
         qh, kh, vh = (split_heads(t, H) for t in (q[:, T:], k, v[:, T:]))
         by_lse, by_marker = image_block_heads(qh, kh, vh), image_block_heads(qh, kh, vh, lse=False)
+        with patch.object(joint, "SMALL_SCORES", 0):  # these shapes are small: the kernels' way, forced
+            by_kernel = image_block_heads(qh, kh, vh)
         expected = (qh @ kh.transpose(-1, -2) / D ** 0.5).softmax(-1)[..., :T].sum(-1, keepdim=True)
-        for block, mass in (by_lse, by_marker):
+        for block, mass in (by_lse, by_marker, by_kernel):
             assert (mass - expected).abs().max() < TOL
             assert (block - by_marker[0]).abs().max() < TOL
 
