@@ -49,11 +49,13 @@ def main() -> None:
     if flux:
         opts["cfg"] = graphs.TINYFLUX_CFG
         opts["scheduler"] = graphs.TINYFLUX_SCHEDULER if args.scheduler == "normal" else args.scheduler
-    tiny = inproc.Tiny.load("TinyFluxCheckpointLoader" if flux else "TinySDCheckpointLoader", **opts)
     if args.ckpt:
+        inproc.node_classes()  # puts the demo models' modules on the path
         import tinyflux
         import tinysd
         tiny = inproc.Tiny(*(tinyflux if flux else tinysd).load_checkpoint(args.ckpt), **opts)
+    else:
+        tiny = inproc.Tiny.load("TinyFluxCheckpointLoader" if flux else "TinySDCheckpointLoader", **opts)
     if args.reweight_only:
         return reweight(tiny)
     results: dict[tuple[str, str], list[dict]] = defaultdict(list)
