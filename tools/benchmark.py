@@ -186,12 +186,17 @@ def main() -> None:
 
     mean = {k: statistics.median(v) for k, v in times.items()}
     plain = mean["plain generation"]
+    # each run's ratio to the plain generation timed just before it: the machine's speed drifts
+    # between runs, and a paired ratio cancels the drift that a ratio of medians keeps
+    paired = {k: sorted(t / p for t, p in zip(v, times["plain generation"])) for k, v in times.items()}
     dev = str(torch.device(b.model.load_device))
     print(f"benchmark: {args.model}, {size}x{size} px, {args.steps} euler steps, cfg {args.cfg}, {dev}, "
           f"torch threads {torch.get_num_threads()}, {'CPU' if CLOCK is time.process_time else 'wall'} time, median of {args.repeat} runs; P2P schedule "
           f"{'the demo model' if tinysd_schedule else 'defaults'} {sched}")
     for k, v in mean.items():
-        print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain")
+        spread = f"  (runs: median {statistics.median(paired[k]):.2f}x, {paired[k][0]:.2f}-{paired[k][-1]:.2f}x)" \
+            if len(paired[k]) > 1 and k != "plain generation" else ""
+        print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain{spread}")
     if "null-text inversion" in mean:
         print(f"  {f'null-text ({args.null_text_steps} inner steps) / DDIM inversion':52s} "
               f"{mean['null-text inversion'] / mean['DDIM inversion']:8.2f}x")
