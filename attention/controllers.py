@@ -488,6 +488,18 @@ class LocalBlend:
         return out
 
 
+@dataclass
+class JointSources:
+    """The source's part of one edited flow-transformer call (Editor.joint_sources), as kept (pack
+    layout, the source's batch and dtype): the image->image part's (queries, keys); the image->text
+    part's (queries, keys), the alignment weighted by ws that carries the target's text values to
+    the source's columns (A diag(ws)), and the target's share of its own map (wt; None: not read)."""
+    own: tuple[torch.Tensor, torch.Tensor] | None = None
+    cross: tuple[torch.Tensor, torch.Tensor] | None = None
+    aligned: torch.Tensor | None = None
+    target_weight: torch.Tensor | None = None
+
+
 class Editor(Shared):
     """Target branch: injects the record's maps as the edits ask, and blends with the source."""
 
@@ -622,18 +634,61 @@ class Editor(Shared):
                               "AttentionStore's strategy to 'keep'")
 
     def _columns(self, lay_s: torch.Tensor, lay_t: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
-        """The alignment over the key columns of this layout pair (the same at every layer and step)
-        and the step's weights (ws, wt) over the target's columns (the same at every layer; wt None
-        where it is zero, so the target's own map is not read)."""
+        """The alignment over the key columns of this layout pair (the same at every layer and step),
+        the step's weights (ws, wt) over the target's columns (the same at every layer; wt None
+        where it is zero, so the target's own map is not read), and the alignment weighted by ws
+        (A diag(ws): what carries the target's text values to the source's columns)."""
         lay_key = (tuple(lay_s.tolist()), tuple(lay_t.tolist()))
         if lay_key not in self.mappers:
             self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
         at = (lay_key, step, self.record.num_steps)
         if at not in self.columns:
             ws, wt = self.cross.weights(step, self.record.num_steps)
-            wt = expand_columns(wt, lay_t, 1.0)
-            self.columns[at] = (expand_columns(ws, lay_t, 0.0), wt if bool((wt != 0).any()) else None)
+            ws, wt = expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0)
+            aligned = self.mappers[lay_key] * ws[..., None, :]
+            self.columns[at] = (ws, wt if bool((wt != 0).any()) else None, aligned)
         return (self.mappers[lay_key], *self.columns[at])
+
+    def _self_source(self, patch: LayerPatch, sk: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's (queries, keys) of a layer's self-attention at this evaluation, as kept."""
+        src = source_entry(self.record.self_qk, (patch.layer.key, sk))
+        if src is None:
+            self._missing_live_source(sigma)
+            raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
+                              f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
+                              "self_attention_layers/self_attention_until) or inject fewer layers/steps")
+        return src
+
+    def _cross_source(self, patch: LayerPatch, sk: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's (queries, keys) of a layer's cross-attention at this evaluation, as kept."""
+        rec, key = self.record, patch.layer.key
+        q_s, k_s = source_entry(rec.cross_q, (key, sk)), source_entry(rec.cross_k, (key, sk))
+        if q_s is None or k_s is None:
+            self._missing_live_source(sigma)
+            raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
+                              f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
+                              "cross_attention_until) or inject for fewer steps")
+        return q_s, k_s
+
+    def joint_sources(self, cross: LayerPatch | None, own: LayerPatch | None, text_keys: torch.Tensor,
+                      extra: dict) -> JointSources | None:
+        """What one conditional chunk of a flow transformer's edited call takes from the source, looked
+        up with the least work per call (dit.py): its parts are those that idle() left. None where the
+        call needs plan(): local blend (it keeps the call's token maps) or a recomputed source, which
+        attends in the same batch. text_keys: the chunk's text keys, (B, T, ...) (key_layout)."""
+        if self.blend is not None or extra.get(LIVE_SOURCE):
+            return None
+        rec = self.record
+        sigma = current_sigma(extra)
+        out = JointSources()
+        if own is not None:
+            out.own = self._self_source(own, self.occurrences.key(sigma, own.kind, own.layer.key, COND), sigma)
+        if cross is not None:
+            q_s, k_s = out.cross = self._cross_source(cross, self.occurrences.key(sigma, cross.kind, cross.layer.key, COND), sigma)
+            step = self.occurrences.step(sigma, rec.sample_sigmas)
+            lay_s, lay_t = key_layout(k_s, rec.prompt.length), key_layout(text_keys, self.target.length)
+            _, _, out.target_weight, out.aligned = self._columns(lay_s, lay_t, step)
+        return out
 
     def _cross(self, patch: LayerPatch, sk: str, sigma: float, step: int, qc, kc, vc, live_qk, extra) -> list[Job] | None:
         """The cross-attention edit of the conditional chunk, and its edited token maps for local blend."""
@@ -641,17 +696,11 @@ class Editor(Shared):
         active = cross is not None and cross.active(step, rec.num_steps)
         jobs, q_s, k_s = None, None, None
         if active:
-            q_s, k_s = live_qk or (source_entry(rec.cross_q, (patch.layer.key, sk)),
-                                   source_entry(rec.cross_k, (patch.layer.key, sk)))
-            if q_s is None or k_s is None:
-                self._missing_live_source(sigma)
-                raise RecordError(f"{self.node}: the attention store has no cross-attention of layer "
-                                  f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
-                                  "cross_attention_until) or inject for fewer steps")
+            q_s, k_s = live_qk or self._cross_source(patch, sk, sigma)
             q_s, k_s = self._source(q_s, qc), self._source(k_s, kc)
             ws, wt = cross.weights(step, rec.num_steps)
             lay_s, lay_t = key_layout(k_s, rec.prompt.length), key_layout(kc, self.target.length)
-            jobs = cross_edit_jobs(qc, kc, vc, q_s, k_s, *self._columns(lay_s, lay_t, step))
+            jobs = cross_edit_jobs(qc, kc, vc, q_s, k_s, *self._columns(lay_s, lay_t, step)[:3])
         if self.blend is not None and patch.layer.level == rec.map_level:
             hw = spatial_hw(extra, qc.shape[1])
             m = token_maps(qc, kc, heads, hw, self.target.length, self.target.map_tokens)
@@ -706,12 +755,7 @@ class Editor(Shared):
                 live_qk = (q[sources[0][1]], k[sources[0][1]]) if live else None
                 if patch.kind == "attn1":
                     if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
-                        src = live_qk or source_entry(rec.self_qk, (key, sk))
-                        if src is None:
-                            self._missing_live_source(sigma)
-                            raise RecordError(f"{self.node}: the attention store has no self-attention of layer "
-                                              f"{patch.layer} at sigma {sigma:.4g}: record it (AttentionStore's "
-                                              "self_attention_layers/self_attention_until) or inject fewer layers/steps")
+                        src = live_qk or self._self_source(patch, sk, sigma)
                         jobs = [(self._source(src[0], qc), self._source(src[1], kc), vc)]  # the source's map, our values
                 else:
                     jobs = self._cross(patch, sk, sigma, step, qc, kc, vc, live_qk, extra)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .controllers import LayerPatch, Recorder, Shared, chunk_rows, chunks
+from .controllers import JointSources, LayerPatch, Recorder, Shared, chunk_rows, chunks
 from .inject import run_jobs
-from .joint import JOINT_LAYOUT, image_block_heads, image_rows, join_heads, split_heads
+from .joint import JOINT_LAYOUT, edited_image_rows, join_heads, split_heads
 from .layers import AttentionLayer
 from .record import COND, RecordError
 
@@ -47,6 +47,14 @@ def image_tokens(latent_shape: tuple[int, ...], patch_size: int) -> int:
     """Tokens of the latent's patch grid (Flux and SD3 pad the latent to whole patches)."""
     h, w = latent_shape[-2:]
     return -(-h // patch_size) * -(-w // patch_size)
+
+
+def source_heads(t: torch.Tensor, like: torch.Tensor, heads: int) -> torch.Tensor:
+    """A kept source tensor (pack layout) as a head-layout view in like's dtype, device and batch."""
+    if t.device != like.device or t.dtype != like.dtype:
+        t = t.to(like)
+    t = split_heads(t, heads)
+    return t.expand(like.shape[0], *t.shape[1:]) if t.shape[0] != like.shape[0] else t
 
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -81,33 +89,43 @@ class JointPatch(Shared):
 
     def rows(self, c: int, rows: slice, q, k, v, heads: int, text: int, plans: dict, plain) -> torch.Tensor:
         """One chunk's joint attention output in head layout (b, heads, L, D), its image rows edited
-        as its plans say (`plain(q, k, v)`: where they say nothing). q, k, v: the call's, in head layout."""
+        as the controller's plans say (`plain(q, k, v)`: where they say nothing). q, k, v: the call's,
+        in head layout. The general path: local blend's token maps, a recomputed source."""
         cross_jobs = plans["attn2"][c][0] if "attn2" in plans else None
         self_jobs = plans["attn1"][c][0] if "attn1" in plans else None
         q, k, v = (chunk_rows(t, rows) for t in (q, k, v))
         if cross_jobs is None and self_jobs is None:
             return plain(q, k, v)
-        text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
+        own = x = aligned = None
+        if self_jobs:  # the source's image queries and sequence (pack layout)
+            ((q_s, k_s, _),) = self_jobs
+            own = split_heads(q_s, heads), split_heads(k_s, heads)
         if self_jobs and cross_jobs and len(cross_jobs) == 1 and same_tensor(cross_jobs[0][0], self_jobs[0][0]):
-            # P2P with both injected and no share of the target's own map (wt = 0): the row is the
-            # source's whole joint map, its text columns read through the alignment (m X + B in one call)
-            ((q_s, k_s, v_image),), v_text = self_jobs, cross_jobs[0][2]
-            v_s = torch.cat([split_heads(v_text, heads), v_image], 2)
-            image = F.scaled_dot_product_attention(split_heads(q_s, heads), split_heads(k_s, heads), v_s)
-            return torch.cat([text_rows, image], 2)
-        # the image rows are m X + B: X the text block's distribution (P2P-edited, or the target's own),
-        # (B, m) the image block and the text mass it leaves (the source's when injected, else the target's)
-        if cross_jobs:
+            aligned = split_heads(cross_jobs[0][2], heads)  # P2P in both windows, no share of the target's own map
+        elif cross_jobs:
             x = split_heads(run_jobs([cross_jobs], heads, self.controller.attention)[0], heads)
-        else:
-            x = F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text])
-        if self_jobs:  # the source's image queries and sequence (pack layout), our image values (head layout)
-            ((q_b, k_b, v_image),) = self_jobs
-            q_b, k_b = split_heads(q_b, heads), split_heads(k_b, heads)
-        else:
-            q_b, k_b, v_image = q[:, :, text:], k, v[:, :, text:]
-        block, mass = image_block_heads(q_b, k_b, v_image)
-        return torch.cat([text_rows, image_rows(x, block, mass)], 2)
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, :text], k, v),
+                          edited_image_rows(q, k, v, text, own, x, aligned)], 2)
+
+    @staticmethod
+    def lean_rows(q, k, v, heads: int, text: int, src: JointSources) -> torch.Tensor:
+        """rows() of a conditional chunk from what Editor.joint_sources looked up, in head layout
+        throughout: the source's kept tensors are viewed per head, the target's are not copied."""
+        own = tuple(source_heads(t, q, heads) for t in src.own) if src.own is not None else None
+        x = aligned_values = None
+        if src.cross is not None:
+            v_text, aligned = v[:, :, :text], src.aligned.to(v)
+            carried = (aligned if aligned.dim() == 2 else aligned[:, None]) @ v_text  # A diag(ws) V, per head
+            if own is not None and src.target_weight is None and src.cross[0] is src.own[0]:
+                aligned_values = carried  # both parts the source's: one attention over its sequence
+            else:
+                x = F.scaled_dot_product_attention(*(source_heads(t, q, heads) for t in src.cross), carried)
+                if src.target_weight is not None:  # M_tgt diag(wt) V: refine's new words, re-weighting
+                    w = src.target_weight.to(v)
+                    w = w[:, None] if w.dim() == 1 else w[:, None, :, None]
+                    x = x + F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v_text * w)
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, :text], k, v),
+                          edited_image_rows(q, k, v, text, own, x, aligned_values)], 2)
 
     def plain(self, func, *args, **kwargs):
         if self.previous is not None:
@@ -145,6 +163,18 @@ class JointPatch(Shared):
         # whole sequence, on the image values (its output is the row's image block and text mass, joint.py).
         # The parts see the pack's layout (B, L, heads * D), except the image values that the image
         # block reads in head layout.
+        def plain(qc, kc, vc):  # a chunk that nothing edits: ComfyUI's attention (or the previous override's)
+            return self.plain(func, qc, kc, vc, heads, **dict(kwargs, skip_reshape=True, skip_output_reshape=True))
+
+        if not recording:
+            every = chunks(extra, q.shape[0])
+            sources = [ctl.joint_sources(cross, own, chunk_rows(k, rows)[:, :, :text].transpose(1, 2), extra)
+                       if cou == COND else None for cou, rows in every]
+            if any(s is not None for s in sources):  # the usual case: no copies into the pack's layout
+                kwargs.pop("heads", None)
+                pieces = [self.lean_rows(qc, kc, vc, heads, text, src) if src is not None else plain(qc, kc, vc)
+                          for (qc, kc, vc), src in zip(([chunk_rows(t, rows) for t in (q, k, v)] for _, rows in every), sources)]
+                return self.output(pieces, kwargs)
         qi, k_all = join_heads(q[:, :, text:]), join_heads(k)
         if recording:
             shared: dict = {}  # both parts' image queries are one tensor: kept once; copies made here are kept as made
@@ -162,11 +192,12 @@ class JointPatch(Shared):
         plans = {p.kind: ctl.plan(p, qp, kp, vp, extra) for p, qp, kp, vp in parts}
         if all(jobs is None for plan in plans.values() for jobs, *_ in plan):
             return self.plain(func, *args, **kwargs)
-
-        def plain(qc, kc, vc):  # a chunk that nothing edits: ComfyUI's attention (or the previous override's)
-            return self.plain(func, qc, kc, vc, heads, **dict(kwargs, skip_reshape=True, skip_output_reshape=True))
-
         kwargs.pop("heads", None)
-        pieces = [self.rows(c, rows, q, k, v, heads, text, plans, plain) for c, (_, rows) in enumerate(chunks(extra, q.shape[0]))]
+        return self.output([self.rows(c, rows, q, k, v, heads, text, plans, plain)
+                            for c, (_, rows) in enumerate(chunks(extra, q.shape[0]))], kwargs)
+
+    @staticmethod
+    def output(pieces: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
+        """The chunks' head-layout outputs as the attention function returns them."""
         out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         return out if kwargs.get("skip_output_reshape", False) else join_heads(out)

@@ -53,6 +53,23 @@ def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tenso
     return torch.addcmul(image_block, mass, cross)
 
 
+def edited_image_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int,
+                      own: tuple[torch.Tensor, torch.Tensor] | None = None, x: torch.Tensor | None = None,
+                      aligned_text_values: torch.Tensor | None = None) -> torch.Tensor:
+    """The image rows of a joint call (head layout; q, k, v the target's [text; image]), m X + B with
+    X = `x` (the P2P-edited text block; None: the target's own) and (B, m) from `own` = the source's
+    (image queries, [text; image] keys) (None: the target's own). With `own` and
+    `aligned_text_values` (the target's text values carried to the source's columns), both blocks
+    are the source's: the row is its whole joint map on [aligned text values; image values]."""
+    v_image = v[:, :, text:]
+    if own is not None and aligned_text_values is not None:
+        return F.scaled_dot_product_attention(own[0], own[1], torch.cat([aligned_text_values, v_image], 2))
+    if x is None:
+        x = F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text])
+    block, mass = image_block_heads(*(own or (q[:, :, text:], k)), v_image)
+    return image_rows(x, block, mass)
+
+
 SMALL_SCORES = 1 << 18  # image_block_heads: up to this many scores, explicit softmax (1 MiB in float32)
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
