@@ -26,6 +26,9 @@ RUN_DATA = ("cross_q", "cross_k", "self_qk", "map_q", "map_k", "layer_hw", "_map
             "conds")  # what one source run leaves
 
 
+KEYS_CHANGE = "keys change"  # SourceRecord._last_keys: this layer's text keys change with the step
+
+
 class RecordError(RuntimeError):
     pass
 
@@ -88,6 +91,7 @@ class SourceRecord:
     _maps: dict = field(default_factory=dict, repr=False)  # sigma key -> token maps, computed when asked
     store_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the AttentionStore this run belongs to
     runs: list = field(default_factory=list, repr=False)  # finished runs (each a record of its own), oldest first
+    run_bytes: dict = field(default_factory=dict, repr=False)  # run id -> what a finished run holds (nbytes)
 
     def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
         """A new source run: fresh containers, so that the finished runs in `runs` keep theirs."""
@@ -109,9 +113,10 @@ class SourceRecord:
         if self.mode == "keep":  # the inputs were kept in case the run outgrew its budget
             self.inputs.clear()
             self.conds.clear()
-        self.runs.append(dataclasses.replace(self, runs=[]))
-        while len(self.runs) > 1 and sum(run.nbytes() for run in self.runs) > self.spec.budget_bytes:
-            self.runs.pop(0)  # the oldest run goes first
+        self.runs.append(dataclasses.replace(self, runs=[], run_bytes={}))
+        self.run_bytes[self.run_id] = self.nbytes()  # measured once: a finished run only gains small token maps
+        while len(self.runs) > 1 and sum(self.run_bytes.get(run.run_id, 0) for run in self.runs) > self.spec.budget_bytes:
+            self.run_bytes.pop(self.runs.pop(0).run_id, None)  # the oldest run goes first
 
     def run_for(self, samples: torch.Tensor) -> SourceRecord | None:
         """The finished run whose output is `samples` (the newest, if several are)."""
@@ -141,12 +146,17 @@ class SourceRecord:
     def keep_keys(self, table: dict, key, sk: str, k: torch.Tensor) -> torch.Tensor:
         """Keeps a layer's text keys for this evaluation. A UNet's are the same at every step
         (the prompt through a fixed projection): the entries then share one tensor. A flow
-        transformer's text stream changes with the step, so its keys are kept per step."""
-        kept = self.keep(k)
-        last = self._last_keys.get((id(table), key))
-        if last is not None and last.shape == kept.shape and torch.equal(last, kept):
-            kept = last
-        self._last_keys[(id(table), key)] = table[(key, sk)] = kept
+        transformer's text stream changes with the step, so its keys are kept per step, and once
+        a layer's keys have changed they are no longer compared."""
+        kept, where = self.keep(k), (id(table), key)
+        last = self._last_keys.get(where)
+        if isinstance(last, torch.Tensor):
+            if last.shape == kept.shape and torch.equal(last, kept):
+                kept = last
+            else:
+                last = KEYS_CHANGE
+        self._last_keys[where] = KEYS_CHANGE if last is KEYS_CHANGE else kept
+        table[(key, sk)] = kept
         return kept
 
     @property
