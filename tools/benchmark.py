@@ -13,7 +13,8 @@
 - DDIM inversion alone and null-text inversion alone (10 inner steps at most);
 and the memory: the attention store after the source branch (it only grows while the source runs,
 so that is its peak), what storing every probability map of the same layers and steps would take,
-and the process's peak RSS.
+and the process's peak RSS. Everything runs under torch.inference_mode(), as ComfyUI's executor
+runs the nodes of a queued prompt.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py                         # TinySD, 128 px, 20 steps
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py --model sd15 --size 512 --steps 3
@@ -92,6 +93,7 @@ def map_bytes(store, heads: int, element_size: int = 4) -> int:
     return total * element_size
 
 
+@torch.inference_mode()  # as ComfyUI's PromptExecutor runs every node of a prompt
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tinysd", "tinyflux", "sd15", "flux_small", "sd35_small"], default="tinysd",

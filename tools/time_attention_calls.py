@@ -15,6 +15,8 @@ import argparse
 import statistics
 import time
 
+import torch
+
 import graphs
 import inproc
 
@@ -46,6 +48,7 @@ def timed_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
+@torch.inference_mode()  # as ComfyUI's PromptExecutor runs every node of a prompt
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tinyflux", "flux_small"], default="tinyflux")
