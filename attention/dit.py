@@ -137,12 +137,12 @@ class JointPatch(Shared):
         where = (opts.get("block_type"), opts.get("block_index"))
         cross, own = self.cross.get(where), self.own.get(where)
         layout = opts.get(JOINT_LAYOUT)
+        if (cross is None and own is None) or layout is None or COND not in opts.get("cond_or_uncond", ()):
+            return self.plain(func, *args, **kwargs)  # the store keeps, and the edits change, the conditional half only
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         skip = bool(kwargs.get("skip_reshape", False))
         length = q.shape[2] if skip else q.shape[1]
-        if (cross is None and own is None) or layout is None or COND not in opts.get("cond_or_uncond", ()):
-            return self.plain(func, *args, **kwargs)  # the store keeps, and the edits change, the conditional half only
         if kwargs.get("mask") is not None:  # e.g. Chroma's T5 padding mask: the parts would need it too
             raise RecordError(f"{getattr(self.controller, 'node', 'AttentionStore')}: this model masks its "
                               "joint attention (an attention mask, as Chroma's), which the pack cannot edit: use a "

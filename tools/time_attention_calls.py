@@ -84,9 +84,12 @@ def main() -> None:
     tiny.sample(em, epos, seed=1, negative=negative)
 
     def replay(override, func, a, k):
+        steps: dict = {}  # sigma -> step, which a run's first call of each model evaluation finds
+
         def call():  # a fresh evaluation of the call's sigma, as the sampler opens one
-            override.controller.occurrences = type(override.controller.occurrences)()
-            override.controller.occurrences.begin(float(k["transformer_options"]["sigmas"].flatten()[0]))
+            occurrences = override.controller.occurrences = type(override.controller.occurrences)()
+            occurrences.steps = steps
+            occurrences.begin(float(k["transformer_options"]["sigmas"].flatten()[0]))
             return override(func, *a, **k)
         return call
 
