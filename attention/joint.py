@@ -74,15 +74,33 @@ SMALL_SCORES = 1 << 18  # image_block_heads: up to this many scores, explicit so
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Head-layout attention and its rows' log-sum-exp (B, H, N, 1), float32, where the kernel hands
-    it out: PyTorch's CPU flash kernel, the one scaled_dot_product_attention runs on a CPU (same
-    output). Elsewhere (None) the caller measures the mass another way."""
-    if _CPU_FLASH is not None and q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] \
-            and q.dtype == k.dtype == v.dtype:
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False)
-        return out, lse.unsqueeze(-1)
-    return F.scaled_dot_product_attention(q, k, v), None
+def kernel_gives_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attention_lse runs PyTorch's CPU flash kernel, the one scaled_dot_product_attention runs
+    on a CPU (same output), which hands out its rows' log-sum-exp."""
+    return _CPU_FLASH is not None and q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] \
+        and q.dtype == k.dtype == v.dtype
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-layout attention and its rows' log-sum-exp (B, H, N, 1), float32 (kernel_gives_lse)."""
+    out, lse = _CPU_FLASH(q, k, v, 0.0, False)
+    return out, lse.unsqueeze(-1)
+
+
+MARK = 8  # block_by_marked_values: the marker channel, padded so that head sizes stay multiples of 8
+
+
+def block_by_marked_values(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """image_block_heads in one attention over the whole sequence, for kernels that give no
+    log-sum-exp: the values are [0, 1] on the text keys and [v, 0] on the image keys, so the output
+    is [B, m]. Queries and keys get as many zero channels as the values (the scores, scaled by the
+    unpadded size, are unchanged): equal head sizes, a multiple of 8, which the fused kernels take."""
+    text, d = k.shape[2] - v_image.shape[2], q.shape[-1]
+    values = v_image.new_zeros(*k.shape[:3], d + MARK)
+    values[:, :, :text, d] = 1
+    values[:, :, text:, :d] = v_image
+    out = F.scaled_dot_product_attention(F.pad(q, (0, MARK)), F.pad(k, (0, MARK)), values, scale=d ** -0.5)
+    return out[..., :d], out[..., d:d + 1]
 
 
 def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor,
@@ -93,26 +111,23 @@ def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor,
     sequence serves an injection into a target whose prompt has another length: the source's map
     and mass, the target's image values.
 
-    B = (1 - m) Y with Y the attention over the image keys alone. m = sigmoid(lse_text - lse_image)
-    from the two blocks' log-sum-exps where the kernel gives them (`lse`, attention_lse); else from
-    one more attention over the whole sequence on values that mark the text keys. Either way every
-    call has equal head sizes, so it stays on the fused kernels (a value channel more would not).
-    Calls of at most SMALL_SCORES scores take one explicit softmax instead (`lse=False`: never)."""
+    B = (1 - m) Y with Y the attention over the image keys alone and m = sigmoid(lse_text - lse_image)
+    from the two blocks' log-sum-exps, where the kernel gives them (kernel_gives_lse; on a CPU this
+    costs less than the whole sequence once more). Elsewhere, or with `lse=False`, one attention over
+    the whole sequence on marked values (block_by_marked_values). Calls of at most SMALL_SCORES
+    scores take one explicit softmax instead (`lse=False`: never)."""
     text = k.shape[2] - v_image.shape[2]
     if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES and lse:
         # a small call (a demo model's): one explicit softmax costs less than two kernel launches
         p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
         return p[..., text:] @ v_image, p[..., :text].sum(-1, keepdim=True)
-    y, lse_image = attention_lse(q, k[:, :, text:], v_image) if lse else (
-        F.scaled_dot_product_attention(q, k[:, :, text:], v_image), None)
     if text == 0:
-        mass = y.new_zeros(*y.shape[:3], 1)
-    elif lse_image is not None and (lse_text := attention_lse(q, k[:, :, :text], k[:, :, :text])[1]) is not None:
-        mass = torch.sigmoid(lse_text - lse_image).to(y.dtype)
-    else:
-        marker = q.new_zeros(*k.shape[:3], q.shape[-1])
-        marker[:, :, :text, 0] = 1
-        mass = F.scaled_dot_product_attention(q, k, marker)[..., :1]
+        y = F.scaled_dot_product_attention(q, k, v_image)
+        return y, y.new_zeros(*y.shape[:3], 1)
+    if not (lse and kernel_gives_lse(q, k, v_image)):
+        return block_by_marked_values(q, k, v_image)
+    y, lse_image = attention_lse(q, k[:, :, text:], v_image)
+    mass = torch.sigmoid(attention_lse(q, k[:, :, :text], k[:, :, :text])[1] - lse_image).to(y.dtype)
     return torch.addcmul(y, mass, y, value=-1), mass
 
 

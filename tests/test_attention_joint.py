@@ -116,6 +116,28 @@ def test_the_mass_from_log_sum_exps_equals_the_mass_from_a_marked_value():
             assert (block - by_marker[0]).abs().max() < TOL
 
 
+def test_the_marked_values_keep_the_fused_kernels_head_sizes():
+    """Where no kernel gives log-sum-exps (a GPU), the block and the mass come from one attention over
+    the whole sequence whose queries, keys and values have one head size, a multiple of 8 (the fused
+    kernels' condition), for the head sizes of Flux (128), SD3 (64) and TinyFlux (32)."""
+    calls = []
+    sdpa_kernel = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return sdpa_kernel(q, k, v, *args, **kwargs)
+    for d in (128, 64, 32):
+        q, k, v = torch.randn(1, 2, 6, d), torch.randn(1, 2, 9, d), torch.randn(1, 2, 6, d)
+        calls.clear()
+        with patch.object(joint.F, "scaled_dot_product_attention", recording):
+            block, mass = image_block_heads(q, k, v, lse=False)
+        (sizes,) = calls
+        assert len(set(sizes)) == 1 and sizes[0] % 8 == 0 and sizes[0] > d, sizes
+        p = (q @ k.transpose(-1, -2) / d ** 0.5).softmax(-1)
+        assert (mass - p[..., :3].sum(-1, keepdim=True)).abs().max() < TOL
+        assert (block - p[..., 3:] @ v).abs().max() < TOL
+
+
 def test_both_parts_from_the_source_are_one_attention_over_its_sequence():
     """P2P with the image block and the text block both the source's (no share of the target's own
     map): m X + B, X over the aligned text values, is the source's joint row on [text values; image

@@ -4,10 +4,14 @@ recorded call, and the target's edited call at each step of a P2P replace edit.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/time_attention_calls.py --model tinyflux
     OMP_NUM_THREADS=1 .venv/bin/python tools/time_attention_calls.py --model flux_small --cfg 1
+    OMP_NUM_THREADS=1 .venv/bin/python tools/time_attention_calls.py --image-block
 
 The calls are caught by wrapping the patched clones' attention override (ComfyUI calls it with
 the attention function and its arguments), then replayed: a replay of the source call records
 into the store again, and each replay of a target call opens a fresh evaluation of the same sigma.
+`--image-block` times instead the two ways attention/joint.py finds an edited call's image block
+and text mass (the CPU kernel's log-sum-exps; the marked values other devices use) against a
+plain attention of the same image rows over the whole sequence.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 
 import torch
 
+import comfyui_env
 import graphs
 import inproc
 
@@ -48,13 +53,44 @@ def timed_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def attention_module(name: str):
+    """attention/<name>.py of this repo, which imports nothing of ComfyUI's (its package only: the
+    repo's own folder on sys.path would shadow ComfyUI's `nodes`)."""
+    import importlib
+    import importlib.util
+    import sys
+    folder = comfyui_env.REPO / "attention"
+    if "attention" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("attention", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        sys.modules["attention"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["attention"])
+    return importlib.import_module(f"attention.{name}")
+
+
+def time_image_block(repeat: int) -> None:
+    import torch.nn.functional as F
+    joint = attention_module("joint")
+    print(f"image block and text mass, process CPU time, median of {repeat} runs")
+    for heads, dim, text, image in ((4, 32, 256, 1024), (6, 128, 512, 2048)):
+        q, k, v = torch.randn(1, heads, image, dim), torch.randn(1, heads, text + image, dim), torch.randn(1, heads, text + image, dim)
+        plain = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat)
+        by_lse = timed_ms(lambda: joint.image_block_heads(q, k, v[:, :, text:]), repeat)
+        marked = timed_ms(lambda: joint.block_by_marked_values(q, k, v[:, :, text:]), repeat)
+        print(f"  {heads} heads of {dim}, {text} text + {image} image keys: plain {plain:8.2f} ms   "
+              f"log-sum-exps {by_lse / plain:5.2f}x   marked values {marked / plain:5.2f}x")
+
+
 @torch.inference_mode()  # as ComfyUI's PromptExecutor runs every node of a prompt
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tinyflux", "flux_small"], default="tinyflux")
     ap.add_argument("--cfg", type=float, default=None, help="default: TinyFlux's 4, the layout's 5")
     ap.add_argument("--repeat", type=int, default=None, help="timed replays of each call (default 200 / 10)")
+    ap.add_argument("--image-block", action="store_true", help="time the image block's two ways instead")
     args = ap.parse_args()
+    if args.image_block:
+        return time_image_block(args.repeat or 7)
     node = inproc.node_classes()
     if args.model == "tinyflux":
         cfg, repeat, sched = args.cfg or graphs.TINYFLUX_CFG, args.repeat or 200, graphs.TINYFLUX_P2P
