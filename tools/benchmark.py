@@ -13,7 +13,9 @@
 - DDIM inversion alone and null-text inversion alone (10 inner steps at most);
 and the memory: the attention store after the source branch (it only grows while the source runs,
 so that is its peak), what storing every probability map of the same layers and steps would take,
-and the process's peak RSS. Everything runs under torch.inference_mode(), as ComfyUI's executor
+and the process's peak RSS. With more than one run, each edit's line adds the median and range of
+each run's ratio to the plain generation timed just before it, and the median of each branch's
+(the source's nodes and sampler; the target's) ratio to it. Everything runs under torch.inference_mode(), as ComfyUI's executor
 runs the nodes of a queued prompt.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py                         # TinySD, 128 px, 20 steps
@@ -124,6 +126,7 @@ def main() -> None:
     b.sample(b.model, pos)  # warm-up (loading, first-call allocations)
 
     times: dict[str, list[float]] = {}
+    branches: dict[str, list[tuple[float, float]]] = {}  # an edit's (source, target) branch times, each run
     stores = {}
     for _ in range(args.repeat):
         _, t = timed(lambda: b.sample(b.model, b.encode(src_prompt)))
@@ -131,21 +134,31 @@ def main() -> None:
 
         for strategy in args.strategies.split(","):
             def p2p():
-                m, spos, st = b.store(src_prompt, sched["self_attention_layers"], sched["self_attention_until"],
-                                      sched["cross_attention_until"], strategy=strategy)
-                src = b.sample(m, spos)
-                em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, word_schedules="",
-                                                        **sched).result
-                b.sample(em, epos)
+                def source():
+                    m, spos, st = b.store(src_prompt, sched["self_attention_layers"], sched["self_attention_until"],
+                                          sched["cross_attention_until"], strategy=strategy)
+                    return st, b.sample(m, spos)
+
+                def target():
+                    em, epos = b.node["P2PReplace"].execute(b.model, b.clip, st, src, tgt_prompt, word_schedules="",
+                                                            **sched).result
+                    b.sample(em, epos)
+                (st, src), t_source = timed(source)
+                branches.setdefault(f"P2P replace edit, store: {strategy}", []).append((t_source, timed(target)[1]))
                 return st
             stores[f"P2P, {strategy}"], t = timed(p2p)
             times.setdefault(f"P2P replace edit, store: {strategy}", []).append(t)
 
             def fpe():
-                m, spos, st = b.store(src_prompt, "fpe", 1.0, 0.0, strategy=strategy)
-                src = b.sample(m, spos)
-                b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0],
-                         b.encode(tgt_prompt))
+                def source():
+                    m, spos, st = b.store(src_prompt, "fpe", 1.0, 0.0, strategy=strategy)
+                    return st, b.sample(m, spos)
+
+                def target():
+                    b.sample(b.node["FPESelfAttnInject"].execute(b.model, st, src, **graphs.FPE_DEFAULTS).result[0],
+                             b.encode(tgt_prompt))
+                (st, src), t_source = timed(source)
+                branches.setdefault(f"FPE edit, store: {strategy}", []).append((t_source, timed(target)[1]))
                 return st
             stores[f"FPE, {strategy}"], t = timed(fpe)
             times.setdefault(f"FPE edit, store: {strategy}", []).append(t)
@@ -198,6 +211,10 @@ def main() -> None:
     for k, v in mean.items():
         spread = f"  (runs: median {statistics.median(paired[k]):.2f}x, {paired[k][0]:.2f}-{paired[k][-1]:.2f}x)" \
             if len(paired[k]) > 1 and k != "plain generation" else ""
+        if k in branches and len(branches[k]) > 1:  # where the edit's extra goes: each branch against a plain generation
+            runs = list(zip(branches[k], times["plain generation"]))
+            spread += (f"; branches: source {statistics.median(s / p for (s, _), p in runs):.3f}x, "
+                       f"target {statistics.median(t / p for (_, t), p in runs):.3f}x")
         print(f"  {k:52s} {v:8.2f} s  {v / plain:5.2f}x plain{spread}")
     if "null-text inversion" in mean:
         print(f"  {f'null-text ({args.null_text_steps} inner steps) / DDIM inversion':52s} "
