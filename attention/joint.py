@@ -87,14 +87,15 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     return out, lse.unsqueeze(-1)
 
 
-MARK = 8  # block_by_marked_values: the marker channel, padded so that head sizes stay multiples of 8
+MARK = 8  # block_by_marked_values: the marker channel and padding, so that a head size stays a multiple of 8
 
 
 def block_by_marked_values(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """image_block_heads in one attention over the whole sequence, for kernels that give no
     log-sum-exp: the values are [0, 1] on the text keys and [v, 0] on the image keys, so the output
     is [B, m]. Queries and keys get as many zero channels as the values (the scores, scaled by the
-    unpadded size, are unchanged): equal head sizes, a multiple of 8, which the fused kernels take."""
+    unpadded size, are unchanged): equal head sizes, multiples of 8 as the model's are, which the
+    fused kernels take."""
     text, d = k.shape[2] - v_image.shape[2], q.shape[-1]
     values = v_image.new_zeros(*k.shape[:3], d + MARK)
     values[:, :, :text, d] = 1
