@@ -90,7 +90,8 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
 MARK = 8  # block_by_marked_values: the marker channel and padding, so that a head size stays a multiple of 8
 
 
-def block_by_marked_values(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_by_marked_values(q: torch.Tensor, k: torch.Tensor,
+                           v_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """image_block_heads in one attention over the whole sequence, for kernels that give no
     log-sum-exp: the values are [0, 1] on the text keys and [v, 0] on the image keys, so the output
     is [B, m]. Queries and keys get as many zero channels as the values (the scores, scaled by the

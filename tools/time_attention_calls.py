@@ -73,7 +73,8 @@ def time_image_block(repeat: int) -> None:
     joint = attention_module("joint")
     print(f"image block and text mass, process CPU time, median of {repeat} runs")
     for heads, dim, text, image in ((4, 32, 256, 1024), (6, 128, 512, 2048)):
-        q, k, v = torch.randn(1, heads, image, dim), torch.randn(1, heads, text + image, dim), torch.randn(1, heads, text + image, dim)
+        q = torch.randn(1, heads, image, dim)
+        k, v = torch.randn(1, heads, text + image, dim), torch.randn(1, heads, text + image, dim)
         plain = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeat)
         by_lse = timed_ms(lambda: joint.image_block_heads(q, k, v[:, :, text:]), repeat)
         marked = timed_ms(lambda: joint.block_by_marked_values(q, k, v[:, :, text:]), repeat)
