@@ -133,7 +133,7 @@ def test_the_marked_values_keep_the_fused_kernels_head_sizes():
             block, mass = image_block_heads(q, k, v, lse=False)
         (sizes,) = calls
         assert len(set(sizes)) == 1 and sizes[0] % 8 == 0 and sizes[0] > d, sizes
-        p = (q @ k.transpose(-1, -2) / d ** 0.5).softmax(-1)
+        p = (q @ k.transpose(-1, -2) / d ** 0.5).softmax(-1)  # TOL: float32 rounding of a 9-key softmax, as above
         assert (mass - p[..., :3].sum(-1, keepdim=True)).abs().max() < TOL
         assert (block - p[..., 3:] @ v).abs().max() < TOL
 
