@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .inversion import Trajectory, anchored_denoised
 from .inject import (AttentionFn, Job, cross_edit_jobs, edited_maps, expand_columns, expand_mapper,
-                     key_layout, run_jobs, sdpa, token_maps, words_mask)
-from .joint import joint_layout
+                     key_layout, run_jobs, sdpa, text_layout, token_maps, words_mask)
+from .joint import JOINT_LAYOUT, joint_layout, packed
 from .layers import AttentionLayer
 from .record import COND, RecordError, SourceRecord, by_evaluation, cumulative_maps
 from .schedule import StepRange, sigma_key, step_index
@@ -179,6 +179,7 @@ class Recorder(Shared):
         self.record, self.attention = record, attention
         self.occurrences = Occurrences()
         self.last_cond: str | None = None  # key of the last kept conditioning
+        self._keeps: dict[tuple, tuple[bool, bool, bool]] = {}  # joint_keeps(), for the run in progress
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
@@ -188,6 +189,7 @@ class Recorder(Shared):
         self.record.begin(sigmas, tuple(noise.shape))
         self.record.settings = run_settings(executor, noise, sampler)
         self.occurrences, self.last_cond = Occurrences(), None
+        self._keeps.clear()
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record.mode == "pending":
             self.record.decide()
@@ -219,46 +221,87 @@ class Recorder(Shared):
         self.record_attention(patch, q, k, extra)
         return out
 
-    def record_attention(self, patch: LayerPatch, q, k, extra, shared: dict | None = None) -> None:
-        """Keeps what the record's spec asks for of one attention call's queries and keys (`shared`:
-        see SourceRecord.keep; a caller may seed it with copies it made, SourceRecord.offer)."""
-        self.record_parts([(patch, k)], q, extra, shared)
-
-    def record_parts(self, parts: list[tuple[LayerPatch, torch.Tensor]], q, extra, shared: dict | None = None) -> None:
-        """record_attention for the parts of one call that share its queries (a joint attention's
-        image->text and image->image parts), each with its keys."""
+    def record_attention(self, patch: LayerPatch, q, k, extra) -> None:
+        """Keeps what the record's spec asks for of one attention call's queries and keys."""
         rec, spec = self.record, self.record.spec
         if rec.sample_sigmas is None:  # used outside a sampler run (e.g. a preview): nothing to keep
             return
         sigma = current_sigma(extra)
         step = self.occurrences.step(sigma, rec.sample_sigmas)
+        key = patch.layer.key
         for cou, rows in chunks(extra, q.shape[0]):
             if cou != COND:  # P2P and FPE edit the conditional half only (local blend reads it too)
                 continue
-            qc = chunk_rows(q, rows)
-            for patch, k in parts:
-                key, kc = patch.layer.key, chunk_rows(k, rows)
-                sk = self.occurrences.key(sigma, patch.kind, key, cou)
-                if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
-                    if patch.kind == "attn2" and patch.layer.level == rec.map_level:
-                        rec.layer_hw.setdefault(key, (extra["n_heads"], spatial_hw(extra, q.shape[1])))
-                        rec.map_tokens(key, sk, qc, kc)
-                elif patch.kind == "attn1":
-                    if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
-                        rec.self_qk[(key, sk)] = (rec.keep(qc, shared), rec.keep(kc, shared))
-                else:
-                    kept = kept_k = None
-                    if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
-                        kept = rec.cross_q[(key, sk)] = rec.keep(qc, shared)
-                        kept_k = rec.keep_keys(rec.cross_k, key, sk, kc)
-                    if key not in rec.layer_hw:
-                        rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
-                    if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
-                        rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(qc, shared)
-                        if kept_k is not None:
-                            rec.map_k[(key, sk)] = kept_k
-                        else:
-                            rec.keep_keys(rec.map_k, key, sk, kc)
+            qc, kc = chunk_rows(q, rows), chunk_rows(k, rows)
+            sk = self.occurrences.key(sigma, patch.kind, key, cou)
+            if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
+                if patch.kind == "attn2" and patch.layer.level == rec.map_level:
+                    rec.layer_hw.setdefault(key, (extra["n_heads"], spatial_hw(extra, q.shape[1])))
+                    rec.map_tokens(key, sk, qc, kc)
+            elif patch.kind == "attn1":
+                if key in spec.self_layers and spec.self_steps.active(step, rec.num_steps):
+                    rec.self_qk[(key, sk)] = (rec.keep(qc), rec.keep(kc))
+            else:
+                kept = kept_k = None
+                if key in spec.cross_layers and spec.cross_steps.active(step, rec.num_steps):
+                    kept = rec.cross_q[(key, sk)] = rec.keep(qc)
+                    kept_k = rec.keep_keys(rec.cross_k, key, sk, kc)
+                if key not in rec.layer_hw:
+                    rec.layer_hw[key] = (extra["n_heads"], spatial_hw(extra, q.shape[1]))
+                if patch.layer.level == rec.map_level:  # maps for local blend/previews, built when asked
+                    rec.map_q[(key, sk)] = kept if kept is not None else rec.keep(qc)
+                    if kept_k is not None:
+                        rec.map_k[(key, sk)] = kept_k
+                    else:
+                        rec.keep_keys(rec.map_k, key, sk, kc)
+
+    def joint_keeps(self, layer: AttentionLayer, cross: bool, own: bool, step: int) -> tuple[bool, bool, bool]:
+        """What a flow transformer's layer keeps at a step, of the parts patched (`cross`: image->text,
+        `own`: image->image): (its image->image part, its image->text part, its token maps). The same
+        at every call: decided once per run."""
+        at = (layer.key, cross, own, step)
+        if at not in self._keeps:
+            rec, spec, n = self.record, self.record.spec, self.record.num_steps
+            self._keeps[at] = (own and layer.key in spec.self_layers and spec.self_steps.active(step, n),
+                               cross and layer.key in spec.cross_layers and spec.cross_steps.active(step, n),
+                               cross and layer.level == rec.map_level)
+        return self._keeps[at]
+
+    def record_joint(self, layer: AttentionLayer, cross: bool, own: bool, q, k, extra: dict) -> None:
+        """record_attention for one joint call of a flow transformer (q, k in head layout, (B, H, L, D),
+        [text; image] tokens as extra's JOINT_LAYOUT says) whose image->text part (`cross`) and
+        image->image part (`own`) are patched.
+        Per conditional chunk, copies in head layout (dit.py reads them so) of the image queries (one
+        tensor for both parts and the token maps), of the [text; image] keys (the image->image part)
+        and of the text keys (the image->text part, token maps). Its parts share one occurrence key,
+        the one each part would get alone (one call, counted once)."""
+        rec = self.record
+        if rec.sample_sigmas is None:
+            return
+        sigma = current_sigma(extra)
+        step = self.occurrences.step(sigma, rec.sample_sigmas)
+        keep_self, keep_cross, keep_map = self.joint_keeps(layer, cross, own, step)
+        key, (latent_shape, text) = layer.key, extra[JOINT_LAYOUT]
+        for cou, rows in chunks(extra, q.shape[0]):
+            if cou != COND:  # P2P and FPE edit the conditional half only (local blend reads it too)
+                continue
+            sk = self.occurrences.key(sigma, "joint", key, cou)
+            qc, kc = chunk_rows(q, rows), chunk_rows(k, rows)
+            if key not in rec.layer_hw:
+                rec.layer_hw[key] = (q.shape[1], spatial_hw({"original_shape": latent_shape}, q.shape[2] - text))
+            if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
+                if keep_map:
+                    rec.map_tokens(key, sk, qc[:, :, text:], kc[:, :, :text])
+                continue
+            q_image = rec.keep(qc[:, :, text:]) if keep_self or keep_cross or keep_map else None
+            if keep_self:
+                rec.self_qk[(key, sk)] = (q_image, rec.keep(kc))
+            if keep_cross or keep_map:
+                k_text = rec.keep(kc[:, :, :text])  # the text stream changes with the step: no two are equal
+                if keep_cross:
+                    rec.cross_q[(key, sk)], rec.cross_k[(key, sk)] = q_image, k_text
+                if keep_map:
+                    rec.map_q[(key, sk)], rec.map_k[(key, sk)] = q_image, k_text
 
     def post_cfg(self, args):
         rec, denoised = self.record, args["denoised"]
@@ -490,10 +533,11 @@ class LocalBlend:
 
 @dataclass
 class JointSources:
-    """The source's part of one edited flow-transformer call (Editor.joint_sources), as kept (pack
+    """The source's part of one edited flow-transformer call (Editor.joint_sources), as kept (head
     layout, the source's batch and dtype): the image->image part's (queries, keys); the image->text
     part's (queries, keys), the alignment weighted by ws that carries the target's text values to
-    the source's columns (A diag(ws)), and the target's share of its own map (wt; None: not read)."""
+    the source's columns (A diag(ws); None: the identity), and the target's share of its own map (wt;
+    None: not read)."""
     own: tuple[torch.Tensor, torch.Tensor] | None = None
     cross: tuple[torch.Tensor, torch.Tensor] | None = None
     aligned: torch.Tensor | None = None
@@ -610,7 +654,14 @@ class Editor(Shared):
             if batched(c, x.shape[0]):
                 src = [source_entry(rec.conds, k).get(name) for k in keys]
                 if name == "c_crossattn" and all(s is not None for s in src):  # as ComfyUI batches prompts
-                    src, c = repeat_to_common_length(src, c)                    # of different lengths
+                    if rec.joint and any(s.shape[1] != c.shape[1] for s in src):  # of different lengths
+                        raise RecordError(
+                            f"{self.node}: the attention store recomputes the source (AttentionStore's strategy/"
+                            f"budget_mb), which on a flow transformer cannot batch the source prompt "
+                            f"({src[0].shape[1]} tokens) with a target prompt of {c.shape[1]}: repeated text tokens "
+                            "would take more of the joint attention than the source had. Set AttentionStore's "
+                            "strategy to 'keep' (or raise budget_mb)")
+                    src, c = repeat_to_common_length(src, c)
                 if any(s is None or s.shape[1:] != c.shape[1:] for s in src):
                     raise RecordError(f"{self.node}: the source's '{name}' conditioning {tuple(src[0].shape[1:])} "
                                       f"cannot be batched with the target's {tuple(c.shape[1:])}: set AttentionStore's "
@@ -637,7 +688,9 @@ class Editor(Shared):
         """The alignment over the key columns of this layout pair (the same at every layer and step),
         the step's weights (ws, wt) over the target's columns (the same at every layer; wt None
         where it is zero, so the target's own map is not read), and the alignment weighted by ws
-        (A diag(ws): what carries the target's text values to the source's columns)."""
+        (A diag(ws): what carries the target's text values to the source's columns), and whether
+        that is the identity (a word swap of as many tokens, inside its window: the source's columns
+        take the target's values as they are)."""
         lay_key = (tuple(lay_s.tolist()), tuple(lay_t.tolist()))
         if lay_key not in self.mappers:
             self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
@@ -646,7 +699,9 @@ class Editor(Shared):
             ws, wt = self.cross.weights(step, self.record.num_steps)
             ws, wt = expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0)
             aligned = self.mappers[lay_key] * ws[..., None, :]
-            self.columns[at] = (ws, wt if bool((wt != 0).any()) else None, aligned)
+            identity = aligned.dim() == 2 and aligned.shape[0] == aligned.shape[1] and bool(
+                torch.equal(aligned, torch.eye(aligned.shape[0], dtype=aligned.dtype)))
+            self.columns[at] = (ws, wt if bool((wt != 0).any()) else None, aligned, identity)
         return (self.mappers[lay_key], *self.columns[at])
 
     def _self_source(self, patch: LayerPatch, sk: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -670,24 +725,27 @@ class Editor(Shared):
                               "cross_attention_until) or inject for fewer steps")
         return q_s, k_s
 
-    def joint_sources(self, cross: LayerPatch | None, own: LayerPatch | None, text_keys: torch.Tensor,
+    def joint_sources(self, cross: LayerPatch | None, own: LayerPatch | None, keys: torch.Tensor, text: int,
                       extra: dict) -> JointSources | None:
         """What one conditional chunk of a flow transformer's edited call takes from the source, looked
         up with the least work per call (dit.py): its parts are those that idle() left. None where the
         call needs plan(): local blend (it keeps the call's token maps) or a recomputed source, which
-        attends in the same batch. text_keys: the chunk's text keys, (B, T, ...) (key_layout)."""
+        attends in the same batch. keys: the chunk's [text; image] keys in head layout, `text` of them text."""
         if self.blend is not None or extra.get(LIVE_SOURCE):
             return None
         rec = self.record
         sigma = current_sigma(extra)
+        sk = self.occurrences.key(sigma, "joint", (own or cross).layer.key, COND)  # as Recorder.record_joint's
         out = JointSources()
         if own is not None:
-            out.own = self._self_source(own, self.occurrences.key(sigma, own.kind, own.layer.key, COND), sigma)
+            out.own = self._self_source(own, sk, sigma)
         if cross is not None:
-            q_s, k_s = out.cross = self._cross_source(cross, self.occurrences.key(sigma, cross.kind, cross.layer.key, COND), sigma)
+            q_s, k_s = out.cross = self._cross_source(cross, sk, sigma)
             step = self.occurrences.step(sigma, rec.sample_sigmas)
-            lay_s, lay_t = key_layout(k_s, rec.prompt.length), key_layout(text_keys, self.target.length)
-            _, _, out.target_weight, out.aligned = self._columns(lay_s, lay_t, step)
+            lay_s = text_layout(k_s, k_s.shape[2], rec.prompt.length)
+            lay_t = text_layout(keys, text, self.target.length)
+            _, _, out.target_weight, aligned, identity = self._columns(lay_s, lay_t, step)
+            out.aligned = None if identity else aligned
         return out
 
     def _cross(self, patch: LayerPatch, sk: str, sigma: float, step: int, qc, kc, vc, live_qk, extra) -> list[Job] | None:
@@ -696,7 +754,7 @@ class Editor(Shared):
         active = cross is not None and cross.active(step, rec.num_steps)
         jobs, q_s, k_s = None, None, None
         if active:
-            q_s, k_s = live_qk or self._cross_source(patch, sk, sigma)
+            q_s, k_s = live_qk or tuple(map(packed, self._cross_source(patch, sk, sigma)))
             q_s, k_s = self._source(q_s, qc), self._source(k_s, kc)
             ws, wt = cross.weights(step, rec.num_steps)
             lay_s, lay_t = key_layout(k_s, rec.prompt.length), key_layout(kc, self.target.length)
@@ -755,7 +813,7 @@ class Editor(Shared):
                 live_qk = (q[sources[0][1]], k[sources[0][1]]) if live else None
                 if patch.kind == "attn1":
                     if key in self.self_layers and self.self_steps.active(step, rec.num_steps):
-                        src = live_qk or self._self_source(patch, sk, sigma)
+                        src = live_qk or tuple(map(packed, self._self_source(patch, sk, sigma)))
                         jobs = [(self._source(src[0], qc), self._source(src[1], kc), vc)]  # the source's map, our values
                 else:
                     jobs = self._cross(patch, sk, sigma, step, qc, kc, vc, live_qk, extra)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .controllers import JointSources, LayerPatch, Recorder, Shared, chunk_rows, chunks
 from .inject import run_jobs
-from .joint import JOINT_LAYOUT, edited_image_rows, join_heads, split_heads
+from .joint import JOINT_LAYOUT, edited_image_rows, image_block_heads, image_rows, join_heads, split_heads
 from .layers import AttentionLayer
 from .record import COND, RecordError
 
@@ -49,11 +49,10 @@ def image_tokens(latent_shape: tuple[int, ...], patch_size: int) -> int:
     return -(-h // patch_size) * -(-w // patch_size)
 
 
-def source_heads(t: torch.Tensor, like: torch.Tensor, heads: int) -> torch.Tensor:
-    """A kept source tensor (pack layout) as a head-layout view in like's dtype, device and batch."""
+def source_heads(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A kept source tensor (head layout, Recorder.record_joint) in like's dtype, device and batch."""
     if t.device != like.device or t.dtype != like.dtype:
         t = t.to(like)
-    t = split_heads(t, heads)
     return t.expand(like.shape[0], *t.shape[1:]) if t.shape[0] != like.shape[0] else t
 
 
@@ -108,24 +107,30 @@ class JointPatch(Shared):
                           edited_image_rows(q, k, v, text, own, x, aligned)], 2)
 
     @staticmethod
-    def lean_rows(q, k, v, heads: int, text: int, src: JointSources) -> torch.Tensor:
+    def lean_rows(q, k, v, text: int, src: JointSources) -> torch.Tensor:
         """rows() of a conditional chunk from what Editor.joint_sources looked up, in head layout
-        throughout: the source's kept tensors are viewed per head, the target's are not copied."""
-        own = tuple(source_heads(t, q, heads) for t in src.own) if src.own is not None else None
-        x = aligned_values = None
-        if src.cross is not None:
-            v_text, aligned = v[:, :, :text], src.aligned.to(v)
-            carried = (aligned if aligned.dim() == 2 else aligned[:, None]) @ v_text  # A diag(ws) V, per head
-            if own is not None and src.target_weight is None and src.cross[0] is src.own[0]:
-                aligned_values = carried  # both parts the source's: one attention over its sequence
-            else:
-                x = F.scaled_dot_product_attention(*(source_heads(t, q, heads) for t in src.cross), carried)
-                if src.target_weight is not None:  # M_tgt diag(wt) V: refine's new words, re-weighting
-                    w = src.target_weight.to(v)
-                    w = w[:, None] if w.dim() == 1 else w[:, None, :, None]
-                    x = x + F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v_text * w)
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, :text], k, v),
-                          edited_image_rows(q, k, v, text, own, x, aligned_values)], 2)
+        throughout, as the source's tensors are kept: nothing is copied into the pack's layout."""
+        own = tuple(source_heads(t, q) for t in src.own) if src.own is not None else None
+        text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
+        if src.cross is None:  # the image->image part alone (FPE; P2P after its cross-attention window)
+            block, mass = image_block_heads(*own, v[:, :, text:])
+            x = F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text])
+            return torch.cat([text_rows, image_rows(x, block, mass)], 2)
+
+        def carried():  # A diag(ws) V, per head: the target's text values on the source's columns
+            aligned = src.aligned.to(v)
+            return (aligned if aligned.dim() == 2 else aligned[:, None]) @ v[:, :, :text]
+        if own is not None and src.target_weight is None and src.cross[0] is src.own[0]:
+            # both parts the source's: the source's joint map on [carried text values; image values]
+            values = v if src.aligned is None else torch.cat([carried(), v[:, :, text:]], 2)
+            return torch.cat([text_rows, F.scaled_dot_product_attention(*own, values)], 2)
+        x = F.scaled_dot_product_attention(*(source_heads(t, q) for t in src.cross),
+                                           v[:, :, :text] if src.aligned is None else carried())
+        if src.target_weight is not None:  # M_tgt diag(wt) V: refine's new words, re-weighting
+            w = src.target_weight.to(v)
+            w = w[:, None] if w.dim() == 1 else w[:, None, :, None]
+            x = x + F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text] * w)
+        return torch.cat([text_rows, edited_image_rows(q, k, v, text, own, x)], 2)
 
     def plain(self, func, *args, **kwargs):
         if self.previous is not None:
@@ -142,48 +147,46 @@ class JointPatch(Shared):
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         skip = bool(kwargs.get("skip_reshape", False))
-        length = q.shape[2] if skip else q.shape[1]
         if kwargs.get("mask") is not None:  # e.g. Chroma's T5 padding mask: the parts would need it too
             raise RecordError(f"{getattr(self.controller, 'node', 'AttentionStore')}: this model masks its "
                               "joint attention (an attention mask, as Chroma's), which the pack cannot edit: use a "
                               "Flux.1 or SD3 model")
         latent_shape, text = layout
-        if length < text + image_tokens(latent_shape, self.patch_size):  # not the joint call
-            return self.plain(func, *args, **kwargs)
-        ctl = self.controller
-        recording = isinstance(ctl, Recorder)
-        if not recording:  # parts that neither inject nor keep maps at this step run as ComfyUI would
-            cross, own = (p if p is not None and not ctl.idle(p, opts) else None for p in (cross, own))
-            if cross is None and own is None:
-                return self.plain(func, *args, **kwargs)
+        if (q.shape[2] if skip else q.shape[1]) < text + image_tokens(latent_shape, self.patch_size):
+            return self.plain(func, *args, **kwargs)  # not the joint call
         if not skip:  # SD3: (B, L, heads * D), its values (B, L, heads, D): as Flux's (B, heads, L, D) views
             q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-        extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
-        # the image->text part as a cross-attention; the image->image part as the image queries over the
-        # whole sequence, on the image values (its output is the row's image block and text mass, joint.py).
-        # The parts see the pack's layout (B, L, heads * D), except the image values that the image
-        # block reads in head layout.
-        def plain(qc, kc, vc):  # a chunk that nothing edits: ComfyUI's attention (or the previous override's)
-            return self.plain(func, qc, kc, vc, heads, **dict(kwargs, skip_reshape=True, skip_output_reshape=True))
-
-        if not recording:
-            every = chunks(extra, q.shape[0])
-            sources = [ctl.joint_sources(cross, own, chunk_rows(k, rows)[:, :, :text].transpose(1, 2), extra)
-                       if cou == COND else None for cou, rows in every]
-            if any(s is not None for s in sources):  # the usual case: no copies into the pack's layout
-                kwargs.pop("heads", None)
-                pieces = [self.lean_rows(qc, kc, vc, heads, text, src) if src is not None else plain(qc, kc, vc)
-                          for (qc, kc, vc), src in zip(([chunk_rows(t, rows) for t in (q, k, v)] for _, rows in every), sources)]
-                return self.output(pieces, kwargs)
-        qi, k_all = join_heads(q[:, :, text:]), join_heads(k)
-        if recording:
-            shared: dict = {}  # both parts' image queries are one tensor: kept once; copies made here are kept as made
-            for made, given in ((qi, args[0]), (k_all, args[1])):
-                if made.untyped_storage().data_ptr() != given.untyped_storage().data_ptr():  # a copy, not a view
-                    ctl.record.offer(made, shared)
-            ctl.record_parts([(p, kp) for p, kp in ((cross, k_all[:, :text]), (own, k_all)) if p is not None],
-                             qi, extra, shared)
+        ctl = self.controller
+        if isinstance(ctl, Recorder):
+            ctl.record_joint((cross or own).layer, cross is not None, own is not None, q, k, opts)
             return self.plain(func, *args, **kwargs)
+        # parts that neither inject nor keep maps at this step run as ComfyUI would
+        cross, own = (p if p is not None and not ctl.idle(p, opts) else None for p in (cross, own))
+        if cross is None and own is None:
+            return self.plain(func, *args, **kwargs)
+
+        def plain(qc, kc, vc):  # a chunk that nothing edits: ComfyUI's attention (or the previous override's)
+            rest = {name: a for name, a in kwargs.items() if name not in ("heads", "skip_reshape", "skip_output_reshape")}
+            return self.plain(func, qc, kc, vc, heads, skip_reshape=True, skip_output_reshape=True, **rest)
+
+        every = chunks(opts, q.shape[0])
+        if len(every) == 1:  # the conditional half alone (Flux.1-dev's cfg 1; prompts of other lengths)
+            src = ctl.joint_sources(cross, own, k, text, opts)
+            if src is not None:
+                return self.output([self.lean_rows(q, k, v, text, src)], kwargs)
+        else:
+            sources = [ctl.joint_sources(cross, own, chunk_rows(k, rows), text, opts) if cou == COND else None
+                       for cou, rows in every]
+            if any(s is not None for s in sources):  # the usual case: the lean path
+                pieces = [self.lean_rows(*(t[rows] for t in (q, k, v)), text, src) if src is not None
+                          else plain(*(t[rows] for t in (q, k, v))) for (_, rows), src in zip(every, sources)]
+                return self.output(pieces, kwargs)
+        # local blend (it keeps the call's token maps) or a recomputed source (it attends in the same batch):
+        # the image->text part as a cross-attention, the image->image part as the image queries over the
+        # whole sequence on the image values (joint.py), in the pack's layout (B, L, heads * D), except the
+        # image values, which the image block reads in head layout.
+        extra = dict(opts, n_heads=heads, original_shape=list(latent_shape))
+        qi, k_all = join_heads(q[:, :, text:]), join_heads(k)
         parts = []
         if cross is not None:
             parts.append((cross, qi, k_all[:, :text], join_heads(v[:, :, :text])))
@@ -192,9 +195,8 @@ class JointPatch(Shared):
         plans = {p.kind: ctl.plan(p, qp, kp, vp, extra) for p, qp, kp, vp in parts}
         if all(jobs is None for plan in plans.values() for jobs, *_ in plan):
             return self.plain(func, *args, **kwargs)
-        kwargs.pop("heads", None)
         return self.output([self.rows(c, rows, q, k, v, heads, text, plans, plain)
-                            for c, (_, rows) in enumerate(chunks(extra, q.shape[0]))], kwargs)
+                            for c, (_, rows) in enumerate(every)], kwargs)
 
     @staticmethod
     def output(pieces: list[torch.Tensor], kwargs: dict) -> torch.Tensor:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .joint import packed
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -68,6 +70,12 @@ def key_layout(k: torch.Tensor, tokens: int) -> torch.Tensor:
         if float((block - first).abs().amax()) <= 1e-4 * scale:
             layout[b * tokens:(b + 1) * tokens] = torch.arange(tokens)
     return layout
+
+
+def text_layout(k: torch.Tensor, text: int, tokens: int) -> torch.Tensor:
+    """key_layout of the first `text` keys of head-layout keys k (B, H, L, D) (a flow transformer's
+    text keys come first), looked at only where they have room for a repeated copy."""
+    return _prompt_first(text, tokens) if text < 2 * tokens else key_layout(k[:, :, :text].transpose(1, 2), tokens)
 
 
 def expand_columns(values: torch.Tensor, layout: torch.Tensor, fill: float) -> torch.Tensor:
@@ -144,7 +152,9 @@ def inject_self_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_t: torch.Tenso
 def token_maps(q: torch.Tensor, k: torch.Tensor, heads: int, hw: tuple[int, int], tokens: int,
                keep: int | None = None) -> torch.Tensor:
     """Head-averaged cross-attention maps of a prompt of `tokens` tokens, the copies of a repeated
-    conditioning summed (key_layout), of its first `keep` tokens (all): (B, keep, h, w)."""
+    conditioning summed (key_layout), of its first `keep` tokens (all): (B, keep, h, w). q, k: the
+    pack's layout, or head layout (as a flow transformer's are kept)."""
+    q, k = packed(q), packed(k)
     probs = attention_probs(q, k, heads).mean(1)  # B, Nq, L
     layout = key_layout(k, tokens).to(probs.device)
     keep = tokens if keep is None else keep

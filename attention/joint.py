@@ -48,6 +48,11 @@ def join_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """A kept tensor in the pack's layout: a flow transformer's are kept in head layout."""
+    return t if t.dim() == 3 else join_heads(t)
+
+
 def image_rows(cross: torch.Tensor, image_block: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Image queries' output from its blocks: m X + B."""
     return torch.addcmul(image_block, mass, cross)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .inversion import Trajectory
-from .layers import AttentionLayer
+from .layers import AttentionLayer, is_joint
 from .schedule import StepRange
 from .tokens import Prompt
 
@@ -126,28 +126,17 @@ class SourceRecord:
                 return run
         return None
 
-    def keep(self, t: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
-        """A copy of `t` in the storage dtype. `shared` (one attention call's) keeps a tensor asked for
-        twice once: a joint attention's image queries serve both of its parts."""
-        if shared is not None:
-            view = (t.data_ptr(), tuple(t.shape), t.stride())
-            if view not in shared:
-                shared[view] = self.keep(t)
-            return shared[view]
-        t = t.detach()
-        return t.to(self.spec.storage_dtype) if self.spec.storage_dtype is not None else t.clone()
-
-    def offer(self, t: torch.Tensor, shared: dict) -> None:
-        """Seeds `shared` (see keep) with a copy the caller made of its own tensors: kept without
-        another copy where the storage dtype allows."""
-        if self.spec.storage_dtype in (None, t.dtype):
-            shared[(t.data_ptr(), tuple(t.shape), t.stride())] = t.detach()
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of `t` in the storage dtype (never a view: a kept view would hold all of its base)."""
+        t = t.detach() if t.requires_grad else t
+        return t.to(self.spec.storage_dtype, copy=True) if self.spec.storage_dtype is not None else t.clone()
 
     def keep_keys(self, table: dict, key, sk: str, k: torch.Tensor) -> torch.Tensor:
-        """Keeps a layer's text keys for this evaluation. A UNet's are the same at every step
-        (the prompt through a fixed projection): the entries then share one tensor. A flow
-        transformer's text stream changes with the step, so its keys are kept per step, and once
-        a layer's keys have changed they are no longer compared."""
+        """Keeps a UNet layer's text keys for this evaluation. They are the same at every step (the
+        prompt through a fixed projection): the entries then share one tensor. Where they change
+        (another pack's per-step patch), each step keeps its own, and once a layer's keys have
+        changed they are no longer compared. (A flow transformer's text stream changes with every
+        step: Recorder.record_joint keeps its keys per step without comparing.)"""
         kept, where = self.keep(k), (id(table), key)
         last = self._last_keys.get(where)
         if isinstance(last, torch.Tensor):
@@ -162,6 +151,11 @@ class SourceRecord:
     @property
     def num_steps(self) -> int:
         return len(self.sample_sigmas) - 1
+
+    @property
+    def joint(self) -> bool:
+        """A flow transformer's record (joint text-image attention)."""
+        return any(is_joint(layer) for layer in self.layers.values())
 
     @property
     def recompute(self) -> bool:

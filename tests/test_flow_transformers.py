@@ -58,10 +58,12 @@ def test_recorded_parts_have_the_token_counts_of_text_and_image(dit, comfy_nodes
     assert len({key for key, _ in store.self_qk}) == n_blocks and len({key for key, _ in store.cross_k}) == n_blocks
     # the text stream changes with the step: its keys are kept per step
     assert len({id(k) for k in store.cross_k.values()}) == n_blocks * STEPS
+    heads = store.layer_hw[next(iter(store.layers))][0]
     for (key, _), (q, k) in store.self_qk.items():  # the image block: image queries over the whole sequence
-        assert q.shape[1] == 64 and k.shape[1] == text + 64, key  # 8x8 image tokens (16x16 latent, patch 2)
+        # kept in head layout (B, heads, tokens, D), 8x8 image tokens (16x16 latent, patch 2)
+        assert q.shape[:3] == (1, heads, 64) and k.shape[:3] == (1, heads, text + 64), key
     for key, k in store.cross_k.items():
-        assert k.shape[1] == text, key
+        assert k.shape[:3] == (1, heads, text), key
     # both parts read the same image queries: the store holds them once
     assert all(store.cross_q[(key, sk)] is q for (key, sk), (q, _) in store.self_qk.items())
     assert all(hw == (8, 8) for _, hw in store.layer_hw.values())

@@ -89,9 +89,11 @@ def attention_heads(model) -> int:
 def map_bytes(store, heads: int, element_size: int = 4) -> int:
     """Bytes that every probability map of the recorded layers and steps would take (fp32):
     self-attention B x heads x N x N per kept (layer, step, cond/uncond), cross-attention
-    B x heads x N x L per kept (layer, step), L the text tokens (77 per CLIP chunk, Flux: T5's)."""
-    total = sum(q.shape[0] * heads * q.shape[1] ** 2 for q, _ in store.self_qk.values())
-    total += sum(q.shape[0] * heads * q.shape[1] * store.cross_k[key].shape[1] for key, q in store.cross_q.items())
+    B x heads x N x L per kept (layer, step), L the text tokens (77 per CLIP chunk, Flux: T5's).
+    Tensors are kept in the pack's layout (B, N, C), a flow transformer's in head layout (B, H, N, D)."""
+    tokens = lambda t: t.shape[-2] if t.dim() == 4 else t.shape[1]  # noqa: E731
+    total = sum(q.shape[0] * heads * tokens(q) ** 2 for q, _ in store.self_qk.values())
+    total += sum(q.shape[0] * heads * tokens(q) * tokens(store.cross_k[key]) for key, q in store.cross_q.items())
     return total * element_size
 
 
