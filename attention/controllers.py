@@ -19,7 +19,7 @@ from .inject import (AttentionFn, Job, cross_edit_jobs, edited_maps, expand_colu
 from .joint import JOINT_LAYOUT, joint_layout, packed
 from .layers import AttentionLayer
 from .record import COND, RecordError, SourceRecord, by_evaluation, cumulative_maps
-from .schedule import StepRange, sigma_key, step_index
+from .schedule import StepRange, schedule_starts, sigma_key, step_in
 from .tokens import Prompt
 
 
@@ -57,6 +57,11 @@ def current_sigma(extra: dict) -> float:
     return _last_sigma[1]
 
 
+def call_sigma(t, transformer_options: dict) -> float:
+    """A model call's sigma (apply_model's t), read from what its attention calls read it from."""
+    return current_sigma(transformer_options if "sigmas" in transformer_options else {"sigmas": t})
+
+
 class Occurrences:
     """Names each model evaluation of a run: samplers such as heun evaluate the model twice at the
     same sigma (a correction, then the next step), so a key is the sigma and its evaluation number.
@@ -71,6 +76,7 @@ class Occurrences:
         self.evaluations: dict[str, int] = {}
         self.current: tuple[str, str] | None = None  # (sigma key, evaluation key) of the open evaluation
         self.steps: dict[float, int] = {}  # sigma -> step index: every layer asks, once per model call
+        self._starts: tuple[object, list[float]] = (None, [])  # (sample sigmas, their schedule_starts)
 
     def begin(self, sigma: float) -> None:
         sk = sigma_key(sigma)
@@ -80,7 +86,9 @@ class Occurrences:
 
     def step(self, sigma: float, sample_sigmas: torch.Tensor) -> int:
         if sigma not in self.steps:
-            self.steps[sigma] = step_index(sigma, sample_sigmas)
+            if self._starts[0] is not sample_sigmas:
+                self._starts = (sample_sigmas, schedule_starts(sample_sigmas))
+            self.steps[sigma] = step_in(sigma, self._starts[1])
         return self.steps[sigma]
 
     def key(self, sigma: float, *where) -> str:
@@ -179,7 +187,6 @@ class Recorder(Shared):
         self.record, self.attention = record, attention
         self.occurrences = Occurrences()
         self.last_cond: str | None = None  # key of the last kept conditioning
-        self._keeps: dict[tuple, tuple[bool, bool, bool]] = {}  # joint_keeps(), for the run in progress
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record.inversion is not None:
@@ -189,7 +196,6 @@ class Recorder(Shared):
         self.record.begin(sigmas, tuple(noise.shape))
         self.record.settings = run_settings(executor, noise, sampler)
         self.occurrences, self.last_cond = Occurrences(), None
-        self._keeps.clear()
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record.mode == "pending":
             self.record.decide()
@@ -214,7 +220,10 @@ class Recorder(Shared):
                 rec.conds[sk] = batch_rows(conds, rows, x.shape[0], rec.conds.get(self.last_cond))
                 self.last_cond = sk
             rec.has_control |= control is not None
-        return executor(x, t, c_concat, c_crossattn, control, joint_layout(transformer_options, x, c_crossattn), **kwargs)
+        sigma = call_sigma(t, transformer_options)
+        step = self.occurrences.step(sigma, rec.sample_sigmas) if rec.sample_sigmas is not None else None
+        return executor(x, t, c_concat, c_crossattn, control,
+                        joint_layout(transformer_options, x, c_crossattn, sigma, step), **kwargs)
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         out = patch.plain(q, k, v, extra, self.attention)
@@ -257,15 +266,12 @@ class Recorder(Shared):
 
     def joint_keeps(self, layer: AttentionLayer, cross: bool, own: bool, step: int) -> tuple[bool, bool, bool]:
         """What a flow transformer's layer keeps at a step, of the parts patched (`cross`: image->text,
-        `own`: image->image): (its image->image part, its image->text part, its token maps). The same
-        at every call: decided once per run."""
-        at = (layer.key, cross, own, step)
-        if at not in self._keeps:
-            rec, spec, n = self.record, self.record.spec, self.record.num_steps
-            self._keeps[at] = (own and layer.key in spec.self_layers and spec.self_steps.active(step, n),
-                               cross and layer.key in spec.cross_layers and spec.cross_steps.active(step, n),
-                               cross and layer.level == rec.map_level)
-        return self._keeps[at]
+        `own`: image->image): (its image->image part, its image->text part, its token maps)."""
+        rec, spec, key = self.record, self.record.spec, layer.key
+        n = rec.num_steps
+        return (own and key in spec.self_layers and spec.self_steps.active(step, n),
+                cross and key in spec.cross_layers and spec.cross_steps.active(step, n),
+                cross and layer.level == rec.map_level)
 
     def record_joint(self, layer: AttentionLayer, cross: bool, own: bool, q, k, extra: dict) -> None:
         """record_attention for one joint call of a flow transformer (q, k in head layout, (B, H, L, D),
@@ -275,13 +281,11 @@ class Recorder(Shared):
         tensor for both parts and the token maps), of the [text; image] keys (the image->image part)
         and of the text keys (the image->text part, token maps). Its parts share one occurrence key,
         the one each part would get alone (one call, counted once)."""
-        rec = self.record
-        if rec.sample_sigmas is None:
+        rec, (latent_shape, text, sigma, step) = self.record, extra[JOINT_LAYOUT]
+        if step is None or rec.sample_sigmas is None:
             return
-        sigma = current_sigma(extra)
-        step = self.occurrences.step(sigma, rec.sample_sigmas)
         keep_self, keep_cross, keep_map = self.joint_keeps(layer, cross, own, step)
-        key, (latent_shape, text) = layer.key, extra[JOINT_LAYOUT]
+        key = layer.key
         for cou, rows in chunks(extra, q.shape[0]):
             if cou != COND:  # P2P and FPE edit the conditional half only (local blend reads it too)
                 continue
@@ -470,28 +474,33 @@ class CrossEdit:
     steps: StepRange  # default injection range (P2P's cross rule)
     word_steps: dict[int, StepRange] = field(default_factory=dict)  # target position -> range
     equalizer: torch.Tensor | None = None  # (T_tgt,) re-weighting c, 1 elsewhere
-    _weights: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # per (step, num_steps)
+    _windows: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (step, num_steps) -> window
+    _weights: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # window -> (ws, wt)
 
-    def window(self, step: int, num_steps: int) -> torch.Tensor:
-        """t: 1 for the target tokens whose injection window holds this step."""
-        t = torch.full_like(self.aligned, float(self.steps.active(step, num_steps)))
-        for pos, rng in self.word_steps.items():
-            t[pos] = float(rng.active(step, num_steps))
-        return t
+    def window(self, step: int, num_steps: int) -> tuple[float, ...]:
+        """t: 1 for the target tokens whose injection window holds this step. Every layer asks at
+        every step: made once per step, in plain Python."""
+        if (step, num_steps) not in self._windows:
+            t = [float(self.steps.active(step, num_steps))] * len(self.aligned)
+            for pos, rng in self.word_steps.items():
+                t[pos] = float(rng.active(step, num_steps))
+            self._windows[(step, num_steps)] = tuple(t)
+        return self._windows[(step, num_steps)]
 
     def weights(self, step: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ws, wt): M_new = (M_src A) diag(ws) + M_tgt diag(wt), as P2P's controllers compose it:
         inside the window the aligned tokens take the source's map and every column is re-weighted.
-        Every layer asks at every step: computed once per step."""
-        if (step, num_steps) not in self._weights:
-            t, g = self.window(step, num_steps), self.aligned
+        Computed once per window: the steps that share one share the tensors."""
+        window = self.window(step, num_steps)
+        if window not in self._weights:
+            g = self.aligned
+            t = torch.tensor(window, dtype=g.dtype, device=g.device)
             c = self.equalizer if self.equalizer is not None else torch.ones_like(g)
-            self._weights[(step, num_steps)] = (t * g * c, 1 - t + t * (1 - g) * c, bool(t.any()))
-        return self._weights[(step, num_steps)][:2]
+            self._weights[window] = (t * g * c, 1 - t + t * (1 - g) * c)
+        return self._weights[window]
 
     def active(self, step: int, num_steps: int) -> bool:
-        self.weights(step, num_steps)
-        return self._weights[(step, num_steps)][2]
+        return any(self.window(step, num_steps))
 
 
 COMBINE = ("intersect", "union", "mask only")  # how a local blend's MASK meets the words' mask
@@ -556,10 +565,9 @@ class Editor(Shared):
         self.target = target  # the target prompt (None: FPE, which has no prompt of its own)
         self.maps: dict[tuple, torch.Tensor] = {}  # (layer, sigma key) -> this run's edited token maps (local blend)
         self.mappers: dict[tuple, torch.Tensor] = {}  # (source layout, target layout) -> expanded mapper
-        self.columns: dict[tuple, tuple] = {}  # (layouts, step, steps) -> (ws, wt) over the key columns
+        self.columns: dict[tuple, tuple] = {}  # (layouts, window) -> (ws, wt) over the key columns
         self.sample_sigmas: torch.Tensor | None = None
         self.occurrences = Occurrences()
-        self._idle: dict[tuple, bool] = {}  # (kind, layer, step) -> idle(), for the run in progress
 
     # -- checks ---------------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -575,7 +583,6 @@ class Editor(Shared):
             check_starts_from_inversion(self.record.inversion, noise, latent_image, sigmas, self.node, executor)
             check_inversion_guidance(executor, self.node)
         self.maps.clear()
-        self._idle.clear()
         self.occurrences = Occurrences()
         self.sample_sigmas = sigmas.detach().float().cpu()
         try:
@@ -635,13 +642,14 @@ class Editor(Shared):
         live; the target's rows are returned. Other steps run as they are."""
         rec = self.record
         check_whole_latent(x, rec.latent_shape, self.node)
-        transformer_options = joint_layout(transformer_options, x, c_crossattn)
+        sigma = call_sigma(t, transformer_options)
+        step = self.occurrences.step(sigma, rec.sample_sigmas) if self.sample_sigmas is not None else None
+        transformer_options = joint_layout(transformer_options, x, c_crossattn, sigma, step)
         if not rec.recompute or self.sample_sigmas is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        sigma = float(torch.as_tensor(t).flatten()[0])
         parts = [(cou, rows) for cou, rows in chunks(transformer_options, x.shape[0]) if cou == COND]
         keys = [self.occurrences.key(sigma, "input", cou) for cou, _ in parts]
-        if not parts or not self.needs_source(self.occurrences.step(sigma, rec.sample_sigmas)):
+        if not parts or not self.needs_source(step):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if control is not None:
             raise RecordError(f"{self.node}: the attention store recomputes the source (AttentionStore's strategy/"
@@ -669,7 +677,7 @@ class Editor(Shared):
                 conds[name] = torch.cat([self._source(s, c[rows]) for s, (_, rows) in zip(src, parts)] + [c])
         xs = torch.cat([self._source(source_entry(rec.inputs, k), x[rows]) for k, (_, rows) in zip(keys, parts)] + [x])
         cou_all = [COND] * len(parts) + list(transformer_options["cond_or_uncond"])
-        opts = dict(joint_layout(transformer_options, xs, conds["c_crossattn"]), cond_or_uncond=cou_all,
+        opts = dict(joint_layout(transformer_options, xs, conds["c_crossattn"], sigma, step), cond_or_uncond=cou_all,
                     **{LIVE_SOURCE: len(parts)})
         if "uuids" in opts:
             opts["uuids"] = list(opts["uuids"])[:len(parts)] + list(opts["uuids"])
@@ -694,7 +702,7 @@ class Editor(Shared):
         lay_key = (tuple(lay_s.tolist()), tuple(lay_t.tolist()))
         if lay_key not in self.mappers:
             self.mappers[lay_key] = expand_mapper(self.cross.mapper, lay_s, lay_t)
-        at = (lay_key, step, self.record.num_steps)
+        at = (lay_key, self.cross.window(step, self.record.num_steps))  # steps of one window share theirs
         if at not in self.columns:
             ws, wt = self.cross.weights(step, self.record.num_steps)
             ws, wt = expand_columns(ws, lay_t, 0.0), expand_columns(wt, lay_t, 1.0)
@@ -733,15 +741,14 @@ class Editor(Shared):
         attends in the same batch. keys: the chunk's [text; image] keys in head layout, `text` of them text."""
         if self.blend is not None or extra.get(LIVE_SOURCE):
             return None
-        rec = self.record
-        sigma = current_sigma(extra)
+        rec, call = self.record, extra[JOINT_LAYOUT]
+        sigma, step = call.sigma, call.step
         sk = self.occurrences.key(sigma, "joint", (own or cross).layer.key, COND)  # as Recorder.record_joint's
         out = JointSources()
         if own is not None:
             out.own = self._self_source(own, sk, sigma)
         if cross is not None:
             q_s, k_s = out.cross = self._cross_source(cross, sk, sigma)
-            step = self.occurrences.step(sigma, rec.sample_sigmas)
             lay_s = text_layout(k_s, k_s.shape[2], rec.prompt.length)
             lay_t = text_layout(keys, text, self.target.length)
             _, _, out.target_weight, aligned, identity = self._columns(lay_s, lay_t, step)
@@ -771,17 +778,13 @@ class Editor(Shared):
     def idle(self, patch: LayerPatch, extra: dict) -> bool:
         """Whether this layer's calls at this model call attend as usual and keep nothing (no
         injection, no token maps for local blend): a caller may then skip plan()."""
-        rec = self.record
-        step = self.occurrences.step(current_sigma(extra), rec.sample_sigmas)
-        at = (patch.kind, patch.layer.key, step)
-        if at not in self._idle:  # every model call asks for every layer: decided once per run and step
-            if patch.kind == "attn1":
-                idle = not (patch.layer.key in self.self_layers and self.self_steps.active(step, rec.num_steps))
-            else:
-                injects = self.cross is not None and self.cross.active(step, rec.num_steps)
-                idle = not injects and not (self.blend is not None and patch.layer.level == rec.map_level)
-            self._idle[at] = idle
-        return self._idle[at]
+        rec, call = self.record, extra.get(JOINT_LAYOUT)
+        step = call.step if call is not None else self.occurrences.step(current_sigma(extra), rec.sample_sigmas)
+        if patch.kind == "attn1":
+            return patch.layer.key not in self.self_layers or not self.self_steps.active(step, rec.num_steps)
+        if self.blend is not None and patch.layer.level == rec.map_level:
+            return False
+        return self.cross is None or not self.cross.active(step, rec.num_steps)
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         parts = self.plan(patch, q, k, v, extra)

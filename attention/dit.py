@@ -110,11 +110,13 @@ class JointPatch(Shared):
     def lean_rows(q, k, v, text: int, src: JointSources) -> torch.Tensor:
         """rows() of a conditional chunk from what Editor.joint_sources looked up, in head layout
         throughout, as the source's tensors are kept: nothing is copied into the pack's layout."""
-        own = tuple(source_heads(t, q) for t in src.own) if src.own is not None else None
+        own = (source_heads(src.own[0], q), source_heads(src.own[1], q)) if src.own is not None else None
         text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
         if src.cross is None:  # the image->image part alone (FPE; P2P after its cross-attention window)
-            block, mass = image_block_heads(*own, v[:, :, text:])
-            x = F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text])
+            parts = (text, q.shape[2] - text)
+            (k_text, _), (v_text, v_image) = k.split(parts, 2), v.split(parts, 2)
+            block, mass = image_block_heads(*own, v_image)
+            x = F.scaled_dot_product_attention(q[:, :, text:], k_text, v_text)
             return torch.cat([text_rows, image_rows(x, block, mass)], 2)
 
         def carried():  # A diag(ws) V, per head: the target's text values on the source's columns
@@ -151,7 +153,7 @@ class JointPatch(Shared):
             raise RecordError(f"{getattr(self.controller, 'node', 'AttentionStore')}: this model masks its "
                               "joint attention (an attention mask, as Chroma's), which the pack cannot edit: use a "
                               "Flux.1 or SD3 model")
-        latent_shape, text = layout
+        latent_shape, text = layout.latent_shape, layout.text
         if (q.shape[2] if skip else q.shape[1]) < text + image_tokens(latent_shape, self.patch_size):
             return self.plain(func, *args, **kwargs)  # not the joint call
         if not skip:  # SD3: (B, L, heads * D), its values (B, L, heads, D): as Flux's (B, heads, L, D) views

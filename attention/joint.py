@@ -26,18 +26,29 @@ queries, keys and values, and which the adapter edits in without copying them to
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-JOINT_LAYOUT = "attention_edit_joint_layout"  # transformer_options: (latent shape, text tokens) of a model call
+JOINT_LAYOUT = "attention_edit_joint_layout"  # transformer_options: the model call's JointCall
 
 
-def joint_layout(options: dict, x: torch.Tensor, context) -> dict:
-    """transformer_options for a model call of latent `x` with the text tokens `context`: the
-    attention override finds the text and image tokens of the joint sequence from them."""
+class JointCall(NamedTuple):
+    """What every joint attention call of one model call shares, found once per model call."""
+    latent_shape: tuple[int, ...]
+    text: int  # text tokens, first in the joint sequence
+    sigma: float
+    step: int | None  # the sampling step (None outside a sampler run)
+
+
+def joint_layout(options: dict, x: torch.Tensor, context, sigma: float, step: int | None) -> dict:
+    """transformer_options for a model call of latent `x` with the text tokens `context` at `sigma`
+    and `step`: the attention override finds the text and image tokens of the joint sequence, and
+    where the run is, from them."""
     if not isinstance(context, torch.Tensor) or context.dim() != 3:
         return options
-    return dict(options, **{JOINT_LAYOUT: (tuple(x.shape), int(context.shape[1]))})
+    return dict(options, **{JOINT_LAYOUT: JointCall(tuple(x.shape), int(context.shape[1]), sigma, step)})
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -126,8 +137,9 @@ def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor,
     text = k.shape[2] - v_image.shape[2]
     if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES and lse:
         # a small call (a demo model's): one explicit softmax costs less than two kernel launches
-        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
-        return p[..., text:] @ v_image, p[..., :text].sum(-1, keepdim=True)
+        p = torch.matmul(q, k.mT).mul_(q.shape[-1] ** -0.5).softmax(-1)
+        p_text, p_image = p.split((text, p.shape[-1] - text), -1)
+        return p_image @ v_image, p_text.sum(-1, keepdim=True)
     if text == 0:
         y = F.scaled_dot_product_attention(q, k, v_image)
         return y, y.new_zeros(*y.shape[:3], 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,18 @@ class ScheduleError(ValueError):
 
 def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
     """Index i of the schedule interval [sigma_i, sigma_{i+1}) that sigma belongs to."""
-    schedule = sample_sigmas[:-1].float().cpu()
-    return max(int((schedule >= sigma * (1 - 1e-5)).sum()) - 1, 0)
+    return step_in(sigma, schedule_starts(sample_sigmas))
+
+
+def schedule_starts(sample_sigmas: torch.Tensor) -> list[float]:
+    """The sigmas that start each step, as float32 values (step_in compares in float32, as torch did)."""
+    return sample_sigmas[:-1].float().cpu().tolist()
+
+
+def step_in(sigma: float, starts: list[float]) -> int:
+    """step_index on schedule_starts(): plain Python, for a lookup every model call makes."""
+    threshold = array("f", [sigma * (1 - 1e-5)])[0]  # rounded to float32, as a float32 tensor compares
+    return max(sum(1 for s in starts if s >= threshold) - 1, 0)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -400,9 +400,9 @@ def test_cross_edit_window_and_weights_per_word_schedules():
     aligned = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
     ce = CrossEdit(torch.eye(5), aligned, StepRange(0, 0.5), word_steps={2: StepRange(0, 1), 3: StepRange(0, 1),
                                                                          4: StepRange(0, 0.25)})
-    assert ce.window(0, 4).tolist() == [1, 1, 1, 1, 1]
-    assert ce.window(1, 4).tolist() == [1, 1, 1, 1, 0]
-    assert ce.window(3, 4).tolist() == [0, 0, 1, 1, 0]
+    assert ce.window(0, 4) == (1, 1, 1, 1, 1)
+    assert ce.window(1, 4) == (1, 1, 1, 1, 0)
+    assert ce.window(3, 4) == (0, 0, 1, 1, 0)
     ws, wt = ce.weights(3, 4)
     assert ws.tolist() == [0, 0, 1, 0, 0]  # unaligned token 3 never takes the source
     assert wt.tolist() == [1, 1, 0, 1, 1]
