@@ -11,6 +11,7 @@ Two strategies, chosen per run within a memory budget:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import uuid
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ class SourceRecord:
     store_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the AttentionStore this run belongs to
     runs: list = field(default_factory=list, repr=False)  # finished runs (each a record of its own), oldest first
     run_bytes: dict = field(default_factory=dict, repr=False)  # run id -> what a finished run holds (nbytes)
+    _counted: dict = field(default_factory=dict, repr=False)  # attention_nbytes(): what it has counted so far
 
     def begin(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
         """A new source run: fresh containers, so that the finished runs in `runs` keep theirs."""
@@ -113,7 +115,7 @@ class SourceRecord:
         if self.mode == "keep":  # the inputs were kept in case the run outgrew its budget
             self.inputs.clear()
             self.conds.clear()
-        self.runs.append(dataclasses.replace(self, runs=[], run_bytes={}))
+        self.runs.append(dataclasses.replace(self, runs=[], run_bytes={}, _counted={}))
         self.run_bytes[self.run_id] = self.nbytes()  # measured once: a finished run only gains small token maps
         while len(self.runs) > 1 and sum(self.run_bytes.get(run.run_id, 0) for run in self.runs) > self.spec.budget_bytes:
             self.run_bytes.pop(self.runs.pop(0).run_id, None)  # the oldest run goes first
@@ -197,12 +199,24 @@ class SourceRecord:
             self.drop_attention()
 
     def attention_nbytes(self) -> int:
-        return _unique_nbytes([*self.cross_q.values(), *self.cross_k.values(), *self.map_q.values(),
-                               *self.map_k.values(), *(t for pair in self.self_qk.values() for t in pair)])
+        """The kept queries and keys (each tensor once). The budget is checked at every step and a run
+        only adds to these tables, so each call counts what was added since the last one."""
+        tables = (self.cross_q, self.cross_k, self.map_q, self.map_k, self.self_qk)
+        done = self._counted
+        if not done or any(t is not seen or len(t) < n for t, (seen, n) in zip(tables, done["tables"])):
+            done.update(tables=[(t, 0) for t in tables], ids=set(), nbytes=0)  # a new run, or dropped
+        for i, (table, (_, n)) in enumerate(zip(tables, done["tables"])):
+            for value in itertools.islice(table.values(), n, None):
+                for t in value if isinstance(value, tuple) else (value,):
+                    if id(t) not in done["ids"]:
+                        done["ids"].add(id(t))
+                        done["nbytes"] += t.numel() * t.element_size()
+            done["tables"][i] = (table, len(table))
+        return done["nbytes"]
 
     def drop_attention(self) -> None:
         self.compute_maps()  # the token maps made so far stay, the queries and keys go
-        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self._last_keys):
+        for d in (self.cross_q, self.cross_k, self.self_qk, self.map_q, self.map_k, self._last_keys, self._counted):
             d.clear()
 
     @property

@@ -141,3 +141,24 @@ def test_map_tokens_keeps_the_words_positions_only():
     full = token_maps(q, k, 2, (2, 2), 77)
     torch.testing.assert_close(full.sum(1), torch.ones(1, 2, 2), atol=1e-6, rtol=0)
     assert torch.equal(r.maps["10#0"], full[:, :3])
+
+
+def test_attention_bytes_are_counted_as_the_tables_grow():
+    """attention_nbytes() counts each step's additions once (it runs at every step under `auto`): it
+    equals a count of every table from scratch, a tensor shared by two tables counted once, and
+    starts over for a new run's tables and after the attention is dropped."""
+    r = strategy_record("auto", budget=1 << 20)
+    q, k = torch.zeros(64), torch.zeros(32)
+    r.cross_q[("a", "10#0")], r.cross_k[("a", "10#0")] = q, k
+    r.self_qk[("a", "10#0")] = (q, torch.zeros(8))  # a joint call's parts share its image queries
+    assert r.attention_nbytes() == 4 * (64 + 32 + 8)
+    r.self_qk[("a", "5#0")] = (torch.zeros(16), torch.zeros(8))
+    r.cross_q[("a", "5#0")] = torch.zeros(4)
+    assert r.attention_nbytes() == 4 * (64 + 32 + 8 + 16 + 8 + 4)
+    r.drop_attention()
+    assert r.attention_nbytes() == 0
+    r.cross_k[("a", "2#0")] = torch.zeros(2)
+    assert r.attention_nbytes() == 8
+    r.begin(SIGMAS, (1, 4, 8, 8))  # a new run: new tables
+    r.cross_q[("a", "10#0")] = torch.zeros(1)
+    assert r.attention_nbytes() == 4
