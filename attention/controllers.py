@@ -36,7 +36,9 @@ class Shared:
 
 def chunks(extra: dict, batch: int) -> list[tuple[int, slice]]:
     """(cond_or_uncond, rows) of each chunk of a batched attention call."""
-    cou = list(extra["cond_or_uncond"])
+    cou = extra["cond_or_uncond"]
+    if len(cou) == 1:  # one prompt per model call (cfg 1, or prompts of different lengths)
+        return [(cou[0], slice(0, batch))]
     per = batch // len(cou)
     return [(c, slice(i * per, (i + 1) * per)) for i, c in enumerate(cou)]
 
@@ -286,13 +288,15 @@ class Recorder(Shared):
             return
         keep_self, keep_cross, keep_map = self.joint_keeps(layer, cross, own, step)
         key = layer.key
+        if key not in rec.layer_hw:
+            rec.layer_hw[key] = (q.shape[1], spatial_hw({"original_shape": latent_shape}, q.shape[2] - text))
+        if not (keep_self or keep_cross or keep_map):  # past the windows
+            return
         for cou, rows in chunks(extra, q.shape[0]):
             if cou != COND:  # P2P and FPE edit the conditional half only (local blend reads it too)
                 continue
             sk = self.occurrences.key(sigma, "joint", key, cou)
             qc, kc = chunk_rows(q, rows), chunk_rows(k, rows)
-            if key not in rec.layer_hw:
-                rec.layer_hw[key] = (q.shape[1], spatial_hw({"original_shape": latent_shape}, q.shape[2] - text))
             if rec.recompute:  # the target recomputes the attention; only the blend's token maps stay
                 if keep_map:
                     rec.map_tokens(key, sk, qc[:, :, text:], kc[:, :, :text])
