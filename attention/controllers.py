@@ -59,6 +59,24 @@ def current_sigma(extra: dict) -> float:
     return _last_sigma[1]
 
 
+OVERRIDE = "optimized_attention_override"  # transformer_options: the attention override (dit.JointPatch)
+
+
+def without_own_override(options: dict, controller) -> dict:
+    """transformer_options for a model call that `controller` leaves alone (no conditional chunk,
+    nothing to inject): its attention runs as ComfyUI's, or as the override ours chains, without
+    passing through ours."""
+    patch = options.get(OVERRIDE)
+    if getattr(patch, "controller", None) is not controller:
+        return options
+    options = dict(options)
+    if patch.previous is None:
+        del options[OVERRIDE]
+    else:
+        options[OVERRIDE] = patch.previous
+    return options
+
+
 def call_sigma(t, transformer_options: dict) -> float:
     """A model call's sigma (apply_model's t), read from what its attention calls read it from."""
     return current_sigma(transformer_options if "sigmas" in transformer_options else {"sigmas": t})
@@ -224,8 +242,10 @@ class Recorder(Shared):
             rec.has_control |= control is not None
         sigma = call_sigma(t, transformer_options)
         step = self.occurrences.step(sigma, rec.sample_sigmas) if rec.sample_sigmas is not None else None
-        return executor(x, t, c_concat, c_crossattn, control,
-                        joint_layout(transformer_options, x, c_crossattn, sigma, step), **kwargs)
+        options = joint_layout(transformer_options, x, c_crossattn, sigma, step)
+        if COND not in options.get("cond_or_uncond", (COND,)):  # the store keeps the conditional half only
+            options = without_own_override(options, self)
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     def attend(self, patch: LayerPatch, q, k, v, extra):
         out = patch.plain(q, k, v, extra, self.attention)
@@ -649,6 +669,10 @@ class Editor(Shared):
         sigma = call_sigma(t, transformer_options)
         step = self.occurrences.step(sigma, rec.sample_sigmas) if self.sample_sigmas is not None else None
         transformer_options = joint_layout(transformer_options, x, c_crossattn, sigma, step)
+        if self.sample_sigmas is not None and (COND not in transformer_options.get("cond_or_uncond", (COND,)) or (
+                self.blend is None and not self.needs_source(step))):  # nothing to edit in this model call
+            return executor(x, t, c_concat, c_crossattn, control, without_own_override(transformer_options, self),
+                            **kwargs)
         if not rec.recompute or self.sample_sigmas is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         parts = [(cou, rows) for cou, rows in chunks(transformer_options, x.shape[0]) if cou == COND]

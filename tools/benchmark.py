@@ -14,8 +14,8 @@
 and the memory: the attention store after the source branch (it only grows while the source runs,
 so that is its peak), what storing every probability map of the same layers and steps would take,
 and the process's peak RSS. With more than one run, each edit's line adds the median and range of
-each run's ratio to the plain generation timed just before it, and the median of each branch's
-(the source's nodes and sampler; the target's) ratio to it. Everything runs under
+each run's ratio to the plain generation timed just before it, the ratio of the fastest runs, and
+the median of each branch's (the source's nodes and sampler; the target's) ratio to it. Everything runs under
 torch.inference_mode(), as ComfyUI's executor runs the nodes of a queued prompt.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/benchmark.py                         # TinySD, 128 px, 20 steps
@@ -211,7 +211,9 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, {'CPU' if CLOCK is time.process_time else 'wall'} time, median of {args.repeat} runs; P2P schedule "
           f"{'the demo model' if tinysd_schedule else 'defaults'} {sched}")
     for k, v in mean.items():
-        spread = f"  (runs: median {statistics.median(paired[k]):.2f}x, {paired[k][0]:.2f}-{paired[k][-1]:.2f}x)" \
+        # fastest/fastest: a shared machine's interference only ever adds time (timeit's advice)
+        spread = f"  (runs: median {statistics.median(paired[k]):.2f}x, {paired[k][0]:.2f}-{paired[k][-1]:.2f}x; " \
+                 f"fastest {min(v) / min(times['plain generation']):.2f}x)" \
             if len(paired[k]) > 1 and k != "plain generation" else ""
         if k in branches and len(branches[k]) > 1:  # where the extra goes: each branch against a plain generation
             runs = list(zip(branches[k], times["plain generation"]))
