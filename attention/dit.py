@@ -113,10 +113,8 @@ class JointPatch(Shared):
         own = (source_heads(src.own[0], q), source_heads(src.own[1], q)) if src.own is not None else None
         text_rows = F.scaled_dot_product_attention(q[:, :, :text], k, v)
         if src.cross is None:  # the image->image part alone (FPE; P2P after its cross-attention window)
-            parts = (text, q.shape[2] - text)
-            (k_text, _), (v_text, v_image) = k.split(parts, 2), v.split(parts, 2)
-            block, mass = image_block_heads(*own, v_image)
-            x = F.scaled_dot_product_attention(q[:, :, text:], k_text, v_text)
+            block, mass = image_block_heads(*own, v[:, :, text:])
+            x = F.scaled_dot_product_attention(q[:, :, text:], k[:, :, :text], v[:, :, :text])
             return torch.cat([text_rows, image_rows(x, block, mass)], 2)
 
         def carried():  # A diag(ws) V, per head: the target's text values on the source's columns

@@ -137,9 +137,8 @@ def image_block_heads(q: torch.Tensor, k: torch.Tensor, v_image: torch.Tensor,
     text = k.shape[2] - v_image.shape[2]
     if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES and lse:
         # a small call (a demo model's): one explicit softmax costs less than two kernel launches
-        p = torch.matmul(q, k.mT).mul_(q.shape[-1] ** -0.5).softmax(-1)
-        p_text, p_image = p.split((text, p.shape[-1] - text), -1)
-        return p_image @ v_image, p_text.sum(-1, keepdim=True)
+        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        return p[..., text:] @ v_image, p[..., :text].sum(-1, keepdim=True)
     if text == 0:
         y = F.scaled_dot_product_attention(q, k, v_image)
         return y, y.new_zeros(*y.shape[:3], 1)
