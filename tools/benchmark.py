@@ -213,7 +213,7 @@ def main() -> None:
     for k, v in mean.items():
         # fastest/fastest: a shared machine's interference only ever adds time (timeit's advice)
         spread = f"  (runs: median {statistics.median(paired[k]):.2f}x, {paired[k][0]:.2f}-{paired[k][-1]:.2f}x; " \
-                 f"fastest {min(v) / min(times['plain generation']):.2f}x)" \
+                 f"fastest {min(times[k]) / min(times['plain generation']):.2f}x)" \
             if len(paired[k]) > 1 and k != "plain generation" else ""
         if k in branches and len(branches[k]) > 1:  # where the extra goes: each branch against a plain generation
             runs = list(zip(branches[k], times["plain generation"]))
