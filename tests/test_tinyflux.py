@@ -248,3 +248,33 @@ def test_the_lean_path_gives_the_edits_of_the_general_path(tinyflux_model):
     # bound to hold on every CPU, so it is not compared (test_store_strategies compares it on TinySD).
     for name in ("replace", "reweight"):
         assert float((recomputed[name][0] - kept[name][0]).abs().max()) <= bound, name
+
+
+def test_the_override_sees_only_the_calls_an_edit_changes(tinyflux_model, monkeypatch):
+    """Model calls that the store or the edit leaves alone (the unconditional half; the steps past
+    P2P's windows) run ComfyUI's attention without passing through the pack's override: it is not
+    called for them at all."""
+    import graphs
+    import inproc
+
+    tiny = inproc.Tiny(*tinyflux_model, steps=10, cfg=graphs.TINYFLUX_CFG, scheduler=graphs.TINYFLUX_SCHEDULER)
+    m, pos, st = tiny.node("AttentionStore").execute(tiny.model, tiny.clip, "a red circle", 0.6, "all", 0.8,
+                                                     "model dtype", True, None, "keep").result
+    patch_type = type(m.model_options["transformer_options"]["optimized_attention_override"])
+    seen, call = [], patch_type.__call__
+
+    def counted(self, func, *args, **kwargs):
+        opts = kwargs["transformer_options"]
+        seen.append((tuple(opts["cond_or_uncond"]), opts["attention_edit_joint_layout"].step))
+        return call(self, func, *args, **kwargs)
+    monkeypatch.setattr(patch_type, "__call__", counted)
+    src = tiny.sample(m, pos, seed=1)
+    blocks = 6  # 3 double + 3 single; TinyFlux's unpadded prompts make cond and uncond separate model calls
+    assert len(seen) == 10 * blocks and {cou for cou, _ in seen} == {(0,)}  # the source: conditional calls only
+    seen.clear()
+    edited, tpos = tiny.node("P2PReplace").execute(tiny.model, tiny.clip, st, src, "a blue circle", word_schedules="",
+                                                   **graphs.TINYFLUX_P2P).result
+    tiny.sample(edited, tpos, seed=1)
+    # TINYFLUX_P2P injects the self-attention until 0.8 (steps 0-7 of 10) and edits the cross part until 0.6
+    assert len(seen) == 8 * blocks and {cou for cou, _ in seen} == {(0,)}
+    assert {step for _, step in seen} == set(range(8))
